@@ -1,0 +1,423 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// RunnerConfig wires a runner. Source and Pool are required.
+type RunnerConfig struct {
+	Source   Reader
+	SourceID int // processor id given to the source's TTL events
+	Pool     *Pool
+	Stages   []Stage
+	// EventSinks see each block's events on the stage thread right after the
+	// last stage (closed-loop outputs).
+	EventSinks []EventSink
+	// Consumers receive every processed block, in order, on one goroutine.
+	Consumers []Consumer
+	// KeepRaw gives each block a copy of its pre-stage samples in Block.Raw.
+	KeepRaw bool
+	// QueueDepth is the number of blocks each queue holds (default 64).
+	QueueDepth int
+	// Backpressure makes the source wait for the stages instead of dropping
+	// blocks: right for offline processing, wrong for a live device.
+	Backpressure bool
+	// Executor runs the stage loop (default: a goroutine).
+	Executor Executor
+	// Interrupt, if set, is called by Stop to unblock a source that is
+	// waiting for its device.
+	Interrupt func()
+	Log       *zap.Logger
+}
+
+// Stats are the runner's counters.
+type Stats struct {
+	Blocks         uint64 // blocks read from the source
+	Samples        uint64 // samples read from the source
+	Processed      uint64 // blocks that went through the stages
+	OverrunBlocks  uint64 // blocks dropped because the stages were behind
+	OverrunSamples uint64
+	Gaps           uint64 // sample-number jumps reported by the source
+	GapSamples     uint64
+	Events         uint64 // events in processed blocks
+	StageErrors    []uint64
+}
+
+// Runner moves blocks source → stages → consumers, each on its own
+// goroutine, with bounded queues between them.
+type Runner struct {
+	cfg RunnerConfig
+	log *zap.Logger
+
+	stageQ chan *Block
+	consQ  chan *Block
+	ctl    chan func()
+	spare  *Block
+
+	recording atomic.Pointer[Recording]
+	stopping  atomic.Bool
+	started   bool
+	loopDone  chan struct{}
+	done      chan struct{}
+
+	errMu sync.Mutex
+	err   error
+
+	blocks, samples, processed    atomic.Uint64
+	overrunBlocks, overrunSamples atomic.Uint64
+	gaps, gapSamples, events      atomic.Uint64
+	stageErrors                   []atomic.Uint64
+	stageTimes                    []Histogram
+	loopTime                      Histogram
+	overrunLog, gapLog            LogLimiter
+	stageErrLog                   []LogLimiter
+	consumerFailed                atomic.Bool
+}
+
+// NewRunner checks the configuration and makes a runner.
+func NewRunner(cfg RunnerConfig) (*Runner, error) {
+	if cfg.Source == nil || cfg.Pool == nil {
+		return nil, errors.New("pipeline: runner needs a source and a pool")
+	}
+	if cfg.QueueDepth <= 0 {
+		cfg.QueueDepth = 64
+	}
+	if cfg.Executor == nil {
+		cfg.Executor = goExecutor{}
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	r := &Runner{
+		cfg:         cfg,
+		log:         cfg.Log,
+		stageQ:      make(chan *Block, cfg.QueueDepth),
+		consQ:       make(chan *Block, cfg.QueueDepth),
+		ctl:         make(chan func()),
+		loopDone:    make(chan struct{}),
+		done:        make(chan struct{}),
+		stageErrors: make([]atomic.Uint64, len(cfg.Stages)),
+		stageTimes:  make([]Histogram, len(cfg.Stages)),
+		stageErrLog: make([]LogLimiter, len(cfg.Stages)),
+	}
+	r.spare = &Block{
+		Channels: cfg.Pool.channels,
+		Samples:  cfg.Pool.samples,
+		Data:     make([]float32, cfg.Pool.channels*cfg.Pool.samples),
+		Digital:  make([]uint64, cfg.Pool.samples),
+		Events:   make([]Event, 0, DefaultEventCapacity),
+		cap:      cfg.Pool.samples,
+	}
+	return r, nil
+}
+
+// PoolSizeFor is the number of pooled blocks a runner with this queue depth
+// needs so that the source never waits for a block in steady state.
+func PoolSizeFor(queueDepth int, keepRaw bool) int {
+	if queueDepth <= 0 {
+		queueDepth = 64
+	}
+	n := 2*queueDepth + 4
+	if keepRaw {
+		n *= 2
+	}
+	return n
+}
+
+// Start runs the acquisition hooks of the stages on the stage thread, then
+// starts reading. It returns the first hook error without starting.
+func (r *Runner) Start() error {
+	if r.started {
+		return errors.New("pipeline: runner already started")
+	}
+	r.started = true
+	ready := make(chan error, 1)
+	r.cfg.Executor.Execute(func(tasks <-chan func()) { r.stageLoop(tasks, ready) })
+	if err := <-ready; err != nil {
+		close(r.stageQ)
+		<-r.loopDone
+		close(r.done)
+		return err
+	}
+	go r.consumeLoop()
+	go r.sourceLoop()
+	return nil
+}
+
+// StartRecording marks every block read from now on as part of rec.
+func (r *Runner) StartRecording(rec *Recording) { r.recording.Store(rec) }
+
+// StopRecording marks blocks read from now on as not recorded.
+func (r *Runner) StopRecording() { r.recording.Store(nil) }
+
+// Stop ends reading; blocks already read still go through the stages and to
+// the consumers. Wait for the end with Wait.
+func (r *Runner) Stop() {
+	if r.stopping.Swap(true) {
+		return
+	}
+	if r.cfg.Interrupt != nil {
+		r.cfg.Interrupt()
+	}
+}
+
+// Wait waits until the last block has been consumed and returns the first
+// error that ended the run (a source or consumer failure), or nil.
+func (r *Runner) Wait() error {
+	<-r.done
+	r.errMu.Lock()
+	defer r.errMu.Unlock()
+	return r.err
+}
+
+// Done is closed when the run has ended.
+func (r *Runner) Done() <-chan struct{} { return r.done }
+
+// Do runs fn on the stage thread between two blocks and waits for it.
+func (r *Runner) Do(fn func()) error {
+	finished := make(chan struct{})
+	select {
+	case r.ctl <- func() { fn(); close(finished) }:
+		<-finished
+		return nil
+	case <-r.loopDone:
+		return errors.New("pipeline: the stage loop is not running")
+	}
+}
+
+// Stats returns a snapshot of the counters.
+func (r *Runner) Stats() Stats {
+	s := Stats{
+		Blocks:         r.blocks.Load(),
+		Samples:        r.samples.Load(),
+		Processed:      r.processed.Load(),
+		OverrunBlocks:  r.overrunBlocks.Load(),
+		OverrunSamples: r.overrunSamples.Load(),
+		Gaps:           r.gaps.Load(),
+		GapSamples:     r.gapSamples.Load(),
+		Events:         r.events.Load(),
+		StageErrors:    make([]uint64, len(r.stageErrors)),
+	}
+	for i := range r.stageErrors {
+		s.StageErrors[i] = r.stageErrors[i].Load()
+	}
+	return s
+}
+
+// StageTime is the histogram of stage i's time per block.
+func (r *Runner) StageTime(i int) *Histogram { return &r.stageTimes[i] }
+
+// LoopTime is the histogram of the time all stages together took per block.
+func (r *Runner) LoopTime() *Histogram { return &r.loopTime }
+
+func (r *Runner) fail(err error) {
+	r.errMu.Lock()
+	if r.err == nil {
+		r.err = err
+	}
+	r.errMu.Unlock()
+	r.Stop()
+}
+
+func (r *Runner) sourceLoop() {
+	defer close(r.stageQ)
+	var (
+		prevWord uint64
+		next     int64
+		haveNext bool
+		ctx      = context.Background()
+	)
+	for !r.stopping.Load() {
+		var b *Block
+		if r.cfg.Backpressure {
+			b, _ = r.cfg.Pool.Get(ctx)
+		} else if b = r.cfg.Pool.TryGet(); b == nil {
+			b = r.spare
+			b.Reset()
+		}
+		err := r.cfg.Source.ReadBlock(b)
+		if err != nil {
+			if b != r.spare {
+				b.Release()
+			}
+			if errors.Is(err, io.EOF) || r.stopping.Load() {
+				return
+			}
+			r.fail(fmt.Errorf("source: %w", err))
+			return
+		}
+		if b.Samples < 1 || b.Samples > b.cap || b.Channels != r.cfg.Pool.channels {
+			if b != r.spare {
+				b.Release()
+			}
+			r.fail(fmt.Errorf("source: block of %d channels × %d samples does not fit the pool's %d × 1..%d", b.Channels, b.Samples, r.cfg.Pool.channels, b.cap))
+			return
+		}
+		n := uint64(b.Samples)
+		r.blocks.Add(1)
+		r.samples.Add(n)
+		if haveNext && b.FirstSample != next {
+			r.gaps.Add(1)
+			if b.FirstSample > next {
+				r.gapSamples.Add(uint64(b.FirstSample - next))
+			}
+			if ok, more := r.gapLog.Allow(time.Now()); ok {
+				r.log.Warn("source gap: samples were lost before reaching ephysd",
+					zap.Int64("expected_sample", next), zap.Int64("got_sample", b.FirstSample),
+					zap.Int64("missing", b.FirstSample-next), zap.Int("more_gaps_not_logged", more))
+			}
+		}
+		next, haveNext = b.FirstSample+int64(b.Samples), true
+		b.Events, prevWord = AppendEdges(b.Events, r.cfg.SourceID, prevWord, b.Digital[:b.Samples], b.FirstSample)
+		b.Recording = r.recording.Load()
+
+		if b == r.spare {
+			r.overrun(b)
+			continue
+		}
+		if r.cfg.Backpressure {
+			r.stageQ <- b
+			continue
+		}
+		select {
+		case r.stageQ <- b:
+		default:
+			r.overrun(b)
+			b.Release()
+		}
+	}
+}
+
+func (r *Runner) overrun(b *Block) {
+	r.overrunBlocks.Add(1)
+	r.overrunSamples.Add(uint64(b.Samples))
+	if ok, more := r.overrunLog.Allow(time.Now()); ok {
+		r.log.Warn("overrun: processing is behind the source, block dropped (a gap in sample numbers)",
+			zap.Int64("first_sample", b.FirstSample), zap.Int("samples", b.Samples),
+			zap.Uint64("overruns_total", r.overrunBlocks.Load()), zap.Int("more_not_logged", more))
+	}
+}
+
+func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
+	defer close(r.loopDone)
+	for _, s := range r.cfg.Stages {
+		if h, ok := s.(AcquisitionHooks); ok {
+			if err := h.StartAcquisition(); err != nil {
+				r.log.Error("stage start_acquisition failed", zap.String("stage", s.Name()), zap.Error(err))
+			}
+		}
+	}
+	ready <- nil
+	var current *Recording
+	ctx := context.Background()
+	for {
+		select {
+		case b, ok := <-r.stageQ:
+			if !ok {
+				if current != nil {
+					r.recordingHooks(nil)
+				}
+				for _, s := range r.cfg.Stages {
+					if h, ok := s.(AcquisitionHooks); ok {
+						if err := h.StopAcquisition(); err != nil {
+							r.log.Error("stage stop_acquisition failed", zap.String("stage", s.Name()), zap.Error(err))
+						}
+					}
+				}
+				close(r.consQ)
+				return
+			}
+			if b.Recording != current {
+				if current != nil {
+					r.recordingHooks(nil)
+				}
+				if b.Recording != nil {
+					r.recordingHooks(b.Recording)
+				}
+				current = b.Recording
+			}
+			if r.cfg.KeepRaw {
+				raw, _ := r.cfg.Pool.Get(ctx)
+				raw.CopyFrom(b)
+				b.Raw = raw
+			}
+			t0 := time.Now()
+			for i, s := range r.cfg.Stages {
+				ts := time.Now()
+				err := s.Process(b)
+				r.stageTimes[i].Record(time.Since(ts))
+				if err != nil {
+					r.stageErrors[i].Add(1)
+					if ok, more := r.stageErrLog[i].Allow(time.Now()); ok {
+						r.log.Error("stage failed on a block; the block passes on unchanged",
+							zap.String("stage", s.Name()), zap.Int64("first_sample", b.FirstSample),
+							zap.Error(err), zap.Int("more_not_logged", more))
+					}
+				}
+			}
+			for _, sink := range r.cfg.EventSinks {
+				if err := sink.HandleEvents(b); err != nil {
+					r.log.Error("event sink failed", zap.Error(err))
+				}
+			}
+			r.loopTime.Record(time.Since(t0))
+			r.processed.Add(1)
+			r.events.Add(uint64(len(b.Events)))
+			r.consQ <- b
+		case f := <-r.ctl:
+			f()
+		case f := <-tasks:
+			f()
+		}
+	}
+}
+
+func (r *Runner) recordingHooks(rec *Recording) {
+	for _, s := range r.cfg.Stages {
+		h, ok := s.(RecordingHooks)
+		if !ok {
+			continue
+		}
+		var err error
+		if rec != nil {
+			err = h.StartRecording(rec)
+		} else {
+			err = h.StopRecording()
+		}
+		if err != nil {
+			r.log.Error("stage recording hook failed", zap.String("stage", s.Name()), zap.Error(err))
+		}
+	}
+}
+
+func (r *Runner) consumeLoop() {
+	defer close(r.done)
+	for b := range r.consQ {
+		if !r.consumerFailed.Load() {
+			for _, c := range r.cfg.Consumers {
+				if err := c.Consume(b); err != nil {
+					r.consumerFailed.Store(true)
+					r.fail(err)
+					break
+				}
+			}
+		}
+		b.Release()
+	}
+	for _, c := range r.cfg.Consumers {
+		if err := c.End(); err != nil {
+			r.fail(err)
+		}
+	}
+	if n := r.overrunLog.Pending(); n > 0 {
+		r.log.Warn("overruns not logged individually", zap.Int("count", n))
+	}
+}
