@@ -79,3 +79,12 @@ func NewSourceConfig(name string) (SourceConfig, error) {
 	}
 	return f(), nil
 }
+
+// Paced is implemented by sources that can run either paced to the wall
+// clock (a live device, a real-time simulation) or as fast as the pipeline
+// takes blocks (a recording replayed for testing). A source that does not
+// implement it is live. The runner drops blocks (overruns) only for live
+// sources; for the others it waits.
+type Paced interface {
+	Realtime() bool
+}

@@ -63,6 +63,9 @@ type Runner struct {
 	spare  *Block
 
 	recording atomic.Pointer[Recording]
+	msgMu     sync.Mutex
+	messages  []string
+	hasMsg    atomic.Bool
 	stopping  atomic.Bool
 	started   bool
 	loopDone  chan struct{}
@@ -154,6 +157,15 @@ func (r *Runner) Start() error {
 
 // StartRecording marks every block read from now on as part of rec.
 func (r *Runner) StartRecording(rec *Recording) { r.recording.Store(rec) }
+
+// Message attaches a text message (Open Ephys MessageCenter) to the next
+// block read, stamped with that block's first sample number.
+func (r *Runner) Message(text string) {
+	r.msgMu.Lock()
+	r.messages = append(r.messages, text)
+	r.hasMsg.Store(true)
+	r.msgMu.Unlock()
+}
 
 // StopRecording marks blocks read from now on as not recorded.
 func (r *Runner) StopRecording() { r.recording.Store(nil) }
@@ -278,6 +290,15 @@ func (r *Runner) sourceLoop() {
 		next, haveNext = b.FirstSample+int64(b.Samples), true
 		b.Events, prevWord = AppendEdges(b.Events, r.cfg.SourceID, prevWord, b.Digital[:b.Samples], b.FirstSample)
 		b.Recording = r.recording.Load()
+		if r.hasMsg.Load() && b != r.spare {
+			r.msgMu.Lock()
+			for _, m := range r.messages {
+				b.Events = append(b.Events, Event{Kind: EventMessage, Processor: MessageCenterID, SampleNumber: b.FirstSample, Text: m})
+			}
+			r.messages = r.messages[:0]
+			r.hasMsg.Store(false)
+			r.msgMu.Unlock()
+		}
 
 		if b == r.spare {
 			r.overrun(b)
@@ -345,9 +366,12 @@ func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
 				current = b.Recording
 			}
 			if r.cfg.KeepRaw {
-				raw, _ := r.cfg.Pool.Get(ctx)
-				raw.CopyFrom(b)
-				b.Raw = raw
+				// The pool is sized for two blocks per block in flight,
+				// so this waits only if a consumer holds blocks too long.
+				if raw, err := r.cfg.Pool.Get(ctx); err == nil {
+					raw.CopyFrom(b)
+					b.Raw = raw
+				}
 			}
 			t0 := time.Now()
 			for i, s := range r.cfg.Stages {

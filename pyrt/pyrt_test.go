@@ -100,7 +100,7 @@ func newStage(t *testing.T, path string, channels int) *Stage {
 // number (mod 997), and digital line 0 high for samples [5, 25) of each 40.
 type testSource struct {
 	channels, blocks, n int
-	next               int64
+	next                int64
 }
 
 func (s *testSource) ReadBlock(b *pipeline.Block) error {

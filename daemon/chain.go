@@ -1,0 +1,225 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/ephysd/ephysd/drivers"
+	"github.com/ephysd/ephysd/pipeline"
+	"github.com/ephysd/ephysd/pyrt"
+	"github.com/ephysd/ephysd/recording"
+)
+
+// PythonProcessorName is the processor name of Python stages, as in Open
+// Ephys; their event channel is "Python Processor Output".
+const PythonProcessorName = "Python Processor"
+
+// firstStageID is the processor id of the first Python stage; the source is
+// 100 in Open Ephys terms, stages follow it, then the record node.
+const firstStageID = 101
+
+// Chain is one acquisition, wired: source → Python stages → recorder.
+type Chain struct {
+	Config       *Config
+	Log          *zap.Logger
+	Source       drivers.Source
+	Info         pipeline.StreamInfo
+	BlockSamples int
+	Pool         *pipeline.Pool
+	Python       *pyrt.Runtime // nil without stages
+	Stages       []*pyrt.Stage
+	Recorder     *recording.Recorder
+	Session      *recording.Session
+	Runner       *pipeline.Runner
+	Realtime     bool
+
+	started   time.Time
+	stopped   time.Time
+	recording bool
+}
+
+// NewChain opens the source, loads the Python stages and prepares the
+// recorder. A stage whose module fails to import is logged and passes data
+// through (it can be fixed and reloaded); every other problem is an error.
+func NewChain(cfg *Config, log *zap.Logger) (c *Chain, err error) {
+	c = &Chain{Config: cfg, Log: log}
+	defer func() {
+		if err != nil {
+			c.closeAll()
+		}
+	}()
+	src, err := cfg.Driver.Open()
+	if err != nil {
+		return nil, err
+	}
+	c.Source = src
+	c.Info = src.Info()
+	c.Realtime = true
+	if p, ok := src.(drivers.Paced); ok {
+		c.Realtime = p.Realtime()
+	}
+	if c.Info.SampleRate <= 0 || len(c.Info.Channels) == 0 {
+		return nil, fmt.Errorf("source %s: reports %d channels at %v Hz", cfg.Source.Driver, len(c.Info.Channels), c.Info.SampleRate)
+	}
+	c.BlockSamples = cfg.Pipeline.BlockSamples
+	if c.BlockSamples == 0 {
+		c.BlockSamples = int(math.Max(1, math.Round(cfg.Pipeline.BlockMS*c.Info.SampleRate/1000)))
+	}
+	blockDur := float64(c.BlockSamples) / c.Info.SampleRate * 1000
+	depth := int(math.Ceil(cfg.Pipeline.QueueMS / blockDur))
+	if depth < 4 {
+		depth = 4
+	}
+	c.Pool, err = pipeline.NewPool(pipeline.PoolSizeFor(depth, cfg.Recording.RecordRaw), len(c.Info.Channels), c.BlockSamples)
+	if err != nil {
+		return nil, err
+	}
+
+	var stages []pipeline.Stage
+	var eventChannels []recording.EventChannel
+	if len(cfg.Stages) > 0 {
+		c.Python, err = pyrt.Start(pyrt.Config{
+			Executable: cfg.Python.Executable, Venv: cfg.Python.Venv,
+			SwitchInterval: time.Duration(cfg.Python.SwitchIntervalUS * float64(time.Microsecond)),
+			Log:            log,
+		})
+		if err != nil {
+			return nil, err
+		}
+		c.Python.RegisterEventChannel(c.Info.ProcessorID, ttlChannelName(c.Info))
+		for i, sc := range cfg.Stages {
+			id := firstStageID + i
+			if id == c.Info.ProcessorID {
+				return nil, fmt.Errorf("stage %d: processor id %d is the source's", i+1, id)
+			}
+			st, err := c.Python.NewStage(pyrt.StageConfig{
+				ID: id, Name: sc.Name, Path: sc.Module, Channels: len(c.Info.Channels),
+				SampleRate: c.Info.SampleRate, OnError: pyrt.OnError(sc.OnError),
+			})
+			if st == nil {
+				return nil, err
+			}
+			// A module that failed to load was logged with its traceback;
+			// the stage passes data through until reloaded.
+			c.Stages = append(c.Stages, st)
+			stages = append(stages, st)
+			eventChannels = append(eventChannels, recording.EventChannel{
+				ProcessorID: id, ProcessorName: PythonProcessorName, ChannelName: "Python Processor Output",
+			})
+		}
+	}
+
+	nodeID := cfg.Recording.RecordNodeID
+	if nodeID == 0 {
+		nodeID = firstStageID + len(cfg.Stages)
+	}
+	c.Session = recording.NewSession(cfg.Recording.ParentDirectory, nodeID, nil)
+	c.Recorder, err = recording.NewRecorder(recording.Config{
+		Stream: c.Info, RecordNodeID: nodeID, RecordRaw: cfg.Recording.RecordRaw,
+		EventChannels: eventChannels, Log: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	rc := pipeline.RunnerConfig{
+		Source: src, SourceID: c.Info.ProcessorID, Pool: c.Pool, Stages: stages,
+		Consumers: []pipeline.Consumer{c.Recorder}, KeepRaw: cfg.Recording.RecordRaw,
+		QueueDepth: depth, Backpressure: !c.Realtime,
+		Interrupt: func() { _ = src.Stop() }, Log: log,
+	}
+	if c.Python != nil {
+		rc.Executor = c.Python
+	}
+	c.Runner, err = pipeline.NewRunner(rc)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func ttlChannelName(info pipeline.StreamInfo) string {
+	if info.TTLChannelName != "" {
+		return info.TTLChannelName
+	}
+	return "TTL Input"
+}
+
+// Start starts the device and the pipeline.
+func (c *Chain) Start() error {
+	if err := c.Source.Start(); err != nil {
+		return err
+	}
+	c.started = time.Now()
+	if err := c.Runner.Start(); err != nil {
+		_ = c.Source.Stop()
+		return err
+	}
+	c.Log.Info("acquisition started", zap.String("source", c.Info.ProcessorName),
+		zap.Int("channels", len(c.Info.Channels)), zap.Float64("rate_hz", c.Info.SampleRate),
+		zap.Int("block_samples", c.BlockSamples), zap.Bool("realtime", c.Realtime), zap.Int("python_stages", len(c.Stages)))
+	return nil
+}
+
+// StartRecording starts a new recording at the next block.
+func (c *Chain) StartRecording() (*pipeline.Recording, error) {
+	rec, err := c.Session.Next()
+	if err != nil {
+		return nil, err
+	}
+	c.Runner.StartRecording(rec)
+	c.recording = true
+	c.Log.Info("recording started", zap.String("path", recording.RecordingPath(rec, c.Session.RecordNodeID())))
+	return rec, nil
+}
+
+// StopRecording ends the recording at the next block.
+func (c *Chain) StopRecording() {
+	c.Runner.StopRecording()
+	c.recording = false
+}
+
+// Stop stops the device, lets every block already read go through the
+// stages to the recorder, finalises the recording and releases everything.
+// It returns the first error of the run.
+func (c *Chain) Stop() error {
+	c.Runner.Stop()
+	err := c.Runner.Wait()
+	c.stopped = time.Now()
+	c.Session.AcquisitionStopped()
+	c.closeAll()
+	return err
+}
+
+// Elapsed is the wall-clock time from Start to Stop (or now).
+func (c *Chain) Elapsed() time.Duration {
+	if c.started.IsZero() {
+		return 0
+	}
+	if c.stopped.IsZero() {
+		return time.Since(c.started)
+	}
+	return c.stopped.Sub(c.started)
+}
+
+func (c *Chain) closeAll() {
+	var errs []error
+	if c.Source != nil {
+		errs = append(errs, c.Source.Close())
+	}
+	if c.Pool != nil {
+		keep := false
+		for _, s := range c.Stages {
+			keep = keep || s.Retained()
+		}
+		if err := c.Pool.Close(keep); err != nil && !errors.Is(err, pipeline.ErrPoolInUse) {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		c.Log.Warn("closing the chain", zap.Error(err))
+	}
+}

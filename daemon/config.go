@@ -1,0 +1,326 @@
+package daemon
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/ephysd/ephysd/drivers"
+	"github.com/ephysd/ephysd/pyrt"
+)
+
+// Config is the daemon's configuration file (TOML). Relative paths in it are
+// relative to the folder of the file.
+type Config struct {
+	Source    SourceConfig    `toml:"source"`
+	Pipeline  PipelineConfig  `toml:"pipeline"`
+	Python    PythonConfig    `toml:"python"`
+	Stages    []StageConfig   `toml:"stage"`
+	Recording RecordingConfig `toml:"recording"`
+	Log       LogConfig       `toml:"log"`
+
+	// Driver is the chosen source driver's configuration (from
+	// [source.<driver>]), filled by LoadConfig.
+	Driver drivers.SourceConfig `toml:"-"`
+	path   string
+}
+
+// SourceConfig is the [source] table: which driver, and one sub-table per
+// driver ([source.sim], [source.playback], …) of which only the chosen one
+// is used.
+type SourceConfig struct {
+	Driver string `toml:"driver"`
+}
+
+// PipelineConfig is the [pipeline] table.
+type PipelineConfig struct {
+	// BlockMS is the block length in milliseconds (default 1). The block
+	// holds round(BlockMS × rate / 1000) samples, at least 1.
+	BlockMS float64 `toml:"block_ms"`
+	// BlockSamples, if set, overrides BlockMS.
+	BlockSamples int `toml:"block_samples"`
+	// QueueMS is how much data each queue between the source, the stages
+	// and the recorder can hold before a live source starts dropping blocks
+	// (overruns). Default 1000 ms.
+	QueueMS float64 `toml:"queue_ms"`
+}
+
+// PythonConfig is the [python] table: which interpreter to embed.
+type PythonConfig struct {
+	Executable       string  `toml:"executable"`
+	Venv             string  `toml:"venv"`
+	SwitchIntervalUS float64 `toml:"switch_interval_us"`
+}
+
+// StageConfig is one [[stage]]: a Python module run on every block, in the
+// order the stages appear.
+type StageConfig struct {
+	Module  string `toml:"module"`
+	Name    string `toml:"name"`
+	OnError string `toml:"on_error"` // "continue" (default) or "disable"
+}
+
+// RecordingConfig is the [recording] table.
+type RecordingConfig struct {
+	ParentDirectory string `toml:"parent_directory"` // default ./recordings
+	RecordRaw       bool   `toml:"record_raw"`       // also record the pre-Python stream
+	RecordOnStart   *bool  `toml:"record_on_start"`  // ephysd run records from the start (default true)
+	RecordNodeID    int    `toml:"record_node_id"`   // default: after the stages' ids
+}
+
+// LogConfig is the [log] table.
+type LogConfig struct {
+	Level  string `toml:"level"`  // debug, info (default), warn, error
+	Format string `toml:"format"` // console (default) or json
+}
+
+// DefaultConfig is the configuration used for anything the file leaves out.
+func DefaultConfig() Config {
+	t := true
+	return Config{
+		Source:    SourceConfig{Driver: "sim"},
+		Pipeline:  PipelineConfig{BlockMS: 1, QueueMS: 1000},
+		Recording: RecordingConfig{ParentDirectory: "recordings", RecordOnStart: &t},
+		Log:       LogConfig{Level: "info", Format: "console"},
+	}
+}
+
+// ConfigError is a configuration mistake, with where it is.
+type ConfigError struct {
+	File string
+	Line int // 0 when unknown
+	Key  string
+	Msg  string
+}
+
+func (e *ConfigError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, ":%d", e.Line)
+	}
+	if e.Key != "" {
+		fmt.Fprintf(&b, ": %s", e.Key)
+	}
+	fmt.Fprintf(&b, ": %s", e.Msg)
+	return b.String()
+}
+
+// LoadConfig reads and checks a configuration file. Decoding is strict: an
+// unknown key or a value of the wrong type is an error that names the key,
+// its line and the expected form.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return ParseConfig(path, data)
+}
+
+// ParseConfig is LoadConfig for data already read; path names it in errors
+// and anchors relative paths.
+func ParseConfig(path string, data []byte) (*Config, error) {
+	cfg := DefaultConfig()
+	cfg.path = path
+
+	// The document's type: the fixed tables plus one [source.<name>] table
+	// per registered driver, each decoded into that driver's own struct.
+	names := drivers.SourceNames()
+	driverCfgs := make([]drivers.SourceConfig, len(names))
+	fields := []reflect.StructField{}
+	for i, n := range names {
+		c, _ := drivers.NewSourceConfig(n)
+		driverCfgs[i] = c
+		fields = append(fields, reflect.StructField{
+			Name: "D" + fmt.Sprint(i), Type: reflect.TypeOf(c), Tag: reflect.StructTag(fmt.Sprintf(`toml:"%s"`, n)),
+		})
+	}
+	fields = append(fields, reflect.StructField{Name: "Driver", Type: reflect.TypeOf(""), Tag: `toml:"driver"`})
+	sourceType := reflect.StructOf(fields)
+	docType := reflect.StructOf([]reflect.StructField{
+		{Name: "Source", Type: reflect.PointerTo(sourceType), Tag: `toml:"source"`},
+		{Name: "Pipeline", Type: reflect.TypeOf(&cfg.Pipeline), Tag: `toml:"pipeline"`},
+		{Name: "Python", Type: reflect.TypeOf(&cfg.Python), Tag: `toml:"python"`},
+		{Name: "Stages", Type: reflect.TypeOf(&cfg.Stages), Tag: `toml:"stage"`},
+		{Name: "Recording", Type: reflect.TypeOf(&cfg.Recording), Tag: `toml:"recording"`},
+		{Name: "Log", Type: reflect.TypeOf(&cfg.Log), Tag: `toml:"log"`},
+	})
+	doc := reflect.New(docType)
+	src := reflect.New(sourceType)
+	for i, c := range driverCfgs {
+		src.Elem().Field(i).Set(reflect.ValueOf(c))
+	}
+	src.Elem().FieldByName("Driver").SetString(cfg.Source.Driver)
+	doc.Elem().Field(0).Set(src)
+	doc.Elem().Field(1).Set(reflect.ValueOf(&cfg.Pipeline))
+	doc.Elem().Field(2).Set(reflect.ValueOf(&cfg.Python))
+	doc.Elem().Field(3).Set(reflect.ValueOf(&cfg.Stages))
+	doc.Elem().Field(4).Set(reflect.ValueOf(&cfg.Recording))
+	doc.Elem().Field(5).Set(reflect.ValueOf(&cfg.Log))
+
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(doc.Interface()); err != nil {
+		return nil, tomlError(path, data, err)
+	}
+	cfg.Source.Driver = src.Elem().FieldByName("Driver").String()
+	for i, n := range names {
+		if n == cfg.Source.Driver {
+			cfg.Driver = driverCfgs[i]
+		}
+	}
+	if cfg.Driver == nil {
+		return nil, &ConfigError{File: path, Line: lineOf(data, "driver"), Key: "source.driver",
+			Msg: fmt.Sprintf("unknown driver %q: use one of %s", cfg.Source.Driver, strings.Join(names, ", "))}
+	}
+	if err := cfg.check(data); err != nil {
+		return nil, err
+	}
+	cfg.resolvePaths()
+	return &cfg, nil
+}
+
+func (c *Config) check(data []byte) error {
+	bad := func(key, msg string) error {
+		last := key[strings.LastIndexByte(key, '.')+1:]
+		return &ConfigError{File: c.path, Line: lineOf(data, last), Key: key, Msg: msg}
+	}
+	p := c.Pipeline
+	if p.BlockMS <= 0 || math.IsNaN(p.BlockMS) || math.IsInf(p.BlockMS, 0) {
+		return bad("pipeline.block_ms", fmt.Sprintf("%v: must be a number of milliseconds > 0 (default 1)", p.BlockMS))
+	}
+	if p.BlockSamples < 0 {
+		return bad("pipeline.block_samples", fmt.Sprintf("%d: must be at least 1 (or leave it out to use block_ms)", p.BlockSamples))
+	}
+	if p.QueueMS <= 0 {
+		return bad("pipeline.queue_ms", fmt.Sprintf("%v: must be > 0 milliseconds (default 1000)", p.QueueMS))
+	}
+	if c.Python.Executable != "" && c.Python.Venv != "" {
+		return bad("python.venv", "set python.executable or python.venv, not both")
+	}
+	if c.Python.SwitchIntervalUS < 0 {
+		return bad("python.switch_interval_us", "must be > 0 microseconds (default 100)")
+	}
+	for i, s := range c.Stages {
+		if s.Module == "" {
+			return &ConfigError{File: c.path, Key: fmt.Sprintf("stage[%d].module", i+1), Msg: "missing: the path of the Python module"}
+		}
+		switch pyrt.OnError(s.OnError) {
+		case "", pyrt.OnErrorContinue, pyrt.OnErrorDisable:
+		default:
+			return bad(fmt.Sprintf("stage[%d].on_error", i+1), fmt.Sprintf("%q: use \"continue\" or \"disable\"", s.OnError))
+		}
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("log.level", fmt.Sprintf("%q: use debug, info, warn or error", c.Log.Level))
+	}
+	switch c.Log.Format {
+	case "console", "json":
+	default:
+		return bad("log.format", fmt.Sprintf("%q: use console or json", c.Log.Format))
+	}
+	if c.Recording.ParentDirectory == "" {
+		return bad("recording.parent_directory", "must not be empty")
+	}
+	return nil
+}
+
+// resolvePaths makes relative paths relative to the configuration file.
+func (c *Config) resolvePaths() {
+	base, err := filepath.Abs(filepath.Dir(c.path))
+	if err != nil {
+		base = filepath.Dir(c.path)
+	}
+	abs := func(p string) string {
+		if p == "" || filepath.IsAbs(p) {
+			return p
+		}
+		return filepath.Join(base, p)
+	}
+	for i := range c.Stages {
+		c.Stages[i].Module = abs(c.Stages[i].Module)
+	}
+	c.Recording.ParentDirectory = abs(c.Recording.ParentDirectory)
+	if strings.ContainsRune(c.Python.Executable, '/') {
+		c.Python.Executable = abs(c.Python.Executable)
+	}
+	c.Python.Venv = abs(c.Python.Venv)
+	if r, ok := c.Driver.(interface{ ResolvePaths(base string) }); ok {
+		r.ResolvePaths(base)
+	}
+}
+
+// tomlError turns a go-toml error into a ConfigError with line and key.
+func tomlError(path string, data []byte, err error) error {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) && len(strict.Errors) > 0 {
+		e := strict.Errors[0]
+		row, _ := e.Position()
+		return &ConfigError{File: path, Line: row, Key: strings.Join(e.Key(), "."),
+			Msg: "unknown key (check its spelling and the table it is in; see the configuration reference in README.md)"}
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		row, _ := de.Position()
+		key := strings.Join(de.Key(), ".")
+		if key == "" {
+			key = keyOnLine(data, row)
+		}
+		msg := strings.TrimPrefix(de.Error(), "toml: ")
+		return &ConfigError{File: path, Line: row, Key: key, Msg: expected(msg)}
+	}
+	return &ConfigError{File: path, Msg: err.Error()}
+}
+
+// expected rewords go-toml's type errors as what the user should write.
+func expected(msg string) string {
+	switch {
+	case strings.Contains(msg, "into struct field") && strings.Contains(msg, "of type int"):
+		return msg + " (expected a whole number, like 32)"
+	case strings.Contains(msg, "of type float"):
+		return msg + " (expected a number, like 30000.0)"
+	case strings.Contains(msg, "of type bool"):
+		return msg + " (expected true or false)"
+	case strings.Contains(msg, "of type string"):
+		return msg + " (expected a quoted string)"
+	case strings.Contains(msg, "float cannot be assigned to int"):
+		return msg + " (expected a whole number)"
+	}
+	return msg
+}
+
+func keyOnLine(data []byte, row int) string {
+	lines := strings.Split(string(data), "\n")
+	if row < 1 || row > len(lines) {
+		return ""
+	}
+	l := lines[row-1]
+	if i := strings.IndexByte(l, '='); i > 0 {
+		return strings.TrimSpace(l[:i])
+	}
+	return ""
+}
+
+// lineOf finds the first line that assigns key, for errors found after
+// decoding.
+func lineOf(data []byte, key string) int {
+	for i, l := range strings.Split(string(data), "\n") {
+		l = strings.TrimSpace(l)
+		if strings.HasPrefix(l, key) {
+			rest := strings.TrimSpace(l[len(key):])
+			if strings.HasPrefix(rest, "=") {
+				return i + 1
+			}
+		}
+	}
+	return 0
+}
