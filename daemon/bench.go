@@ -35,7 +35,10 @@ func benchCommand(args []string, stdout, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	bandpass := filepath.Join(*examples, "bandpass_filter.py")
+	bandpass, err := filepath.Abs(filepath.Join(*examples, "bandpass_filter.py"))
+	if err != nil {
+		return err
+	}
 	if _, err := os.Stat(bandpass); err != nil {
 		return fmt.Errorf("bench: %s not found (run from the repository root or pass --examples)", bandpass)
 	}

@@ -45,8 +45,8 @@ type Chain struct {
 // NewChain opens the source, loads the Python stages and prepares the
 // recorder. A stage whose module fails to import is logged and passes data
 // through (it can be fixed and reloaded); every other problem is an error.
-func NewChain(cfg *Config, log *zap.Logger) (c *Chain, err error) {
-	c = &Chain{Config: cfg, Log: log}
+func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
+	c := &Chain{Config: cfg, Log: log}
 	defer func() {
 		if err != nil {
 			c.closeAll()

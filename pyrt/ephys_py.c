@@ -218,6 +218,14 @@ static const char *boot_source =
 	"        if self._buf:\n"
 	"            b, self._buf = self._buf, ''\n"
 	"            _oe._log(self._which, b)\n"
+	"import signal as _signal\n"
+	"_signal_signal = _signal.signal\n"
+	"def _ephysd_signal(signalnum, handler):\n"
+	"    # ephysd owns the process's signals (SIGINT/SIGTERM stop it cleanly);\n"
+	"    # a handler installed here would silently take them from it.\n"
+	"    _oe._log(2, 'ephysd: signal.signal(%r, ...) ignored: the daemon handles signals' % (signalnum,))\n"
+	"    return _signal.getsignal(signalnum)\n"
+	"_signal.signal = _ephysd_signal\n"
 	"sys.stdout = _Stream(1)\n"
 	"sys.stderr = _Stream(2)\n"
 	"def load(modname, path, folder):\n"
@@ -572,7 +580,7 @@ char *ephys_stage_error(ephys_stage *st, int full) {
 	return out;
 }
 
-int ephys_stage_process(ephys_stage *st, float *data, int channels, int samples, int64_t first, int *retained) {
+int ephys_stage_process(ephys_stage *st, float *data, int channels, int samples, int64_t first) {
 	if (!on_interp_thread)
 		return -1;
 	if (st->m_process == NULL)
@@ -582,7 +590,6 @@ int ephys_stage_process(ephys_stage *st, float *data, int channels, int samples,
 	st->block_first = first;
 	st->block_samples = samples;
 	int rc = 0;
-	*retained = 0;
 	if (st->shape == NULL || st->shape_ch != channels || st->shape_n != samples) {
 		Py_XDECREF(st->shape);
 		st->shape = Py_BuildValue("(ii)", channels, samples);
@@ -612,7 +619,7 @@ out:
 		// Anything still holding a view of the block (the script kept
 		// `data`) keeps the memoryview alive.
 		if (Py_REFCNT(mv) > 1)
-			*retained = 1;
+			rc |= EPHYS_RETAINED;
 		Py_DECREF(mv);
 	}
 	st->block_samples = 0;
@@ -714,11 +721,11 @@ int ephys_stage_hook(ephys_stage *st, int which, const char *arg) {
 	return rc;
 }
 
-ephys_out_event *ephys_stage_events(ephys_stage *st, int *n, int64_t *dropped) {
-	*n = st->nevents;
-	*dropped = st->dropped;
-	return st->events;
-}
+ephys_out_event *ephys_stage_events(ephys_stage *st) { return st->events; }
+
+int ephys_stage_nevents(ephys_stage *st) { return st->nevents; }
+
+int64_t ephys_stage_dropped(ephys_stage *st) { return st->dropped; }
 
 void ephys_stage_events_reset(ephys_stage *st) {
 	st->nevents = 0;

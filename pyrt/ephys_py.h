@@ -34,7 +34,10 @@ void ephys_stage_set_accepting(ephys_stage *st, int on);
 // Calls on the interpreter thread. Return 0 on success, 1 if Python raised
 // (the exception is kept in the stage), 2 if the member does not exist,
 // -1 if called from the wrong thread.
-int ephys_stage_process(ephys_stage *st, float *data, int channels, int samples, int64_t first, int *retained);
+// ephys_stage_process returns EPHYS_RETAINED or-ed in when the script kept a
+// view of data after process returned.
+int ephys_stage_process(ephys_stage *st, float *data, int channels, int samples, int64_t first);
+#define EPHYS_RETAINED 0x100
 int ephys_stage_ttl(ephys_stage *st, int source_node, int line, int state, int64_t sample);
 int ephys_stage_spike(ephys_stage *st, int source_node, const char *electrode, int channels, int samples,
                       int64_t sample, int sorted_id, const float *waveform);
@@ -46,7 +49,9 @@ int ephys_stage_hook(ephys_stage *st, int which, const char *arg); // see EPHYS_
 #define EPHYS_HOOK_STOP_REC 3
 
 // Events queued by add_python_event since the last reset.
-ephys_out_event *ephys_stage_events(ephys_stage *st, int *n, int64_t *dropped);
+ephys_out_event *ephys_stage_events(ephys_stage *st);
+int ephys_stage_nevents(ephys_stage *st);
+int64_t ephys_stage_dropped(ephys_stage *st);
 void ephys_stage_events_reset(ephys_stage *st);
 
 // The last exception, formatted (full traceback or its last line); NULL if

@@ -751,3 +751,60 @@ assert sys.prefix == "` + venv + `", sys.prefix
 	fmt.Println("venv ok")
 	return 0
 }
+
+func TestHandleSpikeBeforeProcess(t *testing.T) {
+	path := writeModule(t, "", "spikes.py", `
+import numpy as np
+seen = []
+class PyProcessor:
+    def __init__(self, processor, num_channels, sample_rate):
+        pass
+    def handle_spike(self, source_node, electrode_name, num_channels, num_samples, sample_number, sorted_id, spike_data):
+        assert spike_data.dtype == np.float32 and spike_data.shape == (num_channels, num_samples)
+        assert not spike_data.flags["WRITEABLE"]
+        seen.append((source_node, electrode_name, num_channels, num_samples, sample_number, sorted_id, spike_data.tolist()))
+    def process(self, data):
+        seen.append("process")
+`)
+	s := newStage(t, path, 2)
+	pool, _ := pipeline.NewPool(1, 2, 10)
+	defer pool.Close(true)
+	b := pool.TryGet()
+	defer b.Release()
+	b.FirstSample = 100
+	b.Spikes = append(b.Spikes, pipeline.Spike{Processor: 100, Electrode: "Stereotrode 1", SampleNumber: 104, SortedID: 2,
+		Channels: 2, Samples: 3, Waveform: []float32{1, 2, 3, -4, -5, -6}})
+	testRT.Do(func() { s.Process(b) })
+	check := fmt.Sprintf(`
+import sys
+seen = sys.modules[%q].seen
+assert seen == [(100, "Stereotrode 1", 2, 3, 104, 2, [[1.0, 2.0, 3.0], [-4.0, -5.0, -6.0]]), "process"], seen
+`, s.modname)
+	if err := testRT.RunString(check); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Python runs with its signal handlers off, and a script cannot take
+// SIGINT away from the daemon.
+func TestSignalsStayWithTheDaemon(t *testing.T) {
+	err := testRT.RunString(`
+import signal
+assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "Python installed its SIGINT handler"
+before = signal.getsignal(signal.SIGINT)
+signal.signal(signal.SIGINT, lambda *a: None)
+assert signal.getsignal(signal.SIGINT) is before, "a script replaced the SIGINT handler"
+`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, e := range observed.All() {
+		if strings.Contains(e.Message, "signal.signal(") && strings.Contains(e.Message, "ignored") {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatal("no log line for the ignored signal.signal call")
+	}
+}

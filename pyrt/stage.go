@@ -463,10 +463,10 @@ func (s *Stage) Process(b *pipeline.Block) error {
 	}
 	s.backup = s.backup[:n]
 	copy(s.backup, b.Data[:n])
-	var retained C.int
 	rc := C.ephys_stage_process(s.c, (*C.float)(unsafe.Pointer(&b.Data[0])), C.int(b.Channels), C.int(b.Samples),
-		C.int64_t(b.FirstSample), &retained)
-	if retained != 0 {
+		C.int64_t(b.FirstSample))
+	if rc&C.EPHYS_RETAINED != 0 {
+		rc &^= C.EPHYS_RETAINED
 		s.mu.Lock()
 		s.retained = true
 		s.mu.Unlock()
@@ -486,10 +486,10 @@ func (s *Stage) Process(b *pipeline.Block) error {
 
 // emit moves the events queued by add_python_event into the block.
 func (s *Stage) emit(b *pipeline.Block) {
-	var n C.int
-	var dropped C.int64_t
-	p := C.ephys_stage_events(s.c, &n, &dropped)
+	n := C.ephys_stage_nevents(s.c)
+	dropped := C.ephys_stage_dropped(s.c)
 	if n > 0 {
+		p := C.ephys_stage_events(s.c)
 		events := unsafe.Slice((*C.ephys_out_event)(unsafe.Pointer(p)), int(n))
 		for _, e := range events {
 			line := uint8(e.line)
