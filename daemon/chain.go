@@ -85,6 +85,7 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 		c.Python, err = pyrt.Start(pyrt.Config{
 			Executable: cfg.Python.Executable, Venv: cfg.Python.Venv,
 			SwitchInterval: time.Duration(cfg.Python.SwitchIntervalUS * float64(time.Microsecond)),
+			BlockTimeout:   blockTimeout(cfg.Python.BlockTimeoutMS),
 			Log:            log,
 		})
 		if err != nil {
@@ -141,6 +142,13 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 	return c, nil
 }
 
+func blockTimeout(ms float64) time.Duration {
+	if ms == 0 {
+		return -1 // never
+	}
+	return time.Duration(ms * float64(time.Millisecond))
+}
+
 func ttlChannelName(info pipeline.StreamInfo) string {
 	if info.TTLChannelName != "" {
 		return info.TTLChannelName
@@ -187,6 +195,17 @@ func (c *Chain) StopRecording() {
 // It returns the first error of the run.
 func (c *Chain) Stop() error {
 	c.Runner.Stop()
+	warn := time.NewTicker(5 * time.Second)
+	defer warn.Stop()
+	for waiting := true; waiting; {
+		select {
+		case <-c.Runner.Done():
+			waiting = false
+		case <-warn.C:
+			c.Log.Warn("still waiting for the last blocks to go through the pipeline: a Python stage may be blocked; " +
+				"send SIGINT again to quit at once — the recording on disk is readable up to its last checkpoint (≤ 1 s old)")
+		}
+	}
 	err := c.Runner.Wait()
 	c.stopped = time.Now()
 	c.Session.AcquisitionStopped()

@@ -260,6 +260,10 @@ func processCommand(args []string, stdout, stderr io.Writer) error {
 	defer log.Sync()
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
+	go func() {
+		<-ctx.Done()
+		cancel() // after the first signal, a second one kills the process the default way
+	}()
 	res, err := Process(ctx, cfg, log, duration, stderr)
 	if res != nil {
 		printSummary(stdout, res)

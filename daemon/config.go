@@ -57,6 +57,9 @@ type PythonConfig struct {
 	Executable       string  `toml:"executable"`
 	Venv             string  `toml:"venv"`
 	SwitchIntervalUS float64 `toml:"switch_interval_us"`
+	// BlockTimeoutMS is how long one process()/handler call may run before
+	// ephysd raises TimeoutError in it (default 2000); 0 never does.
+	BlockTimeoutMS float64 `toml:"block_timeout_ms"`
 }
 
 // StageConfig is one [[stage]]: a Python module run on every block, in the
@@ -87,6 +90,7 @@ func DefaultConfig() Config {
 	return Config{
 		Source:    SourceConfig{Driver: "sim"},
 		Pipeline:  PipelineConfig{BlockMS: 1, QueueMS: 1000},
+		Python:    PythonConfig{BlockTimeoutMS: 2000},
 		Recording: RecordingConfig{ParentDirectory: "recordings", RecordOnStart: &t},
 		Log:       LogConfig{Level: "info", Format: "console"},
 	}
@@ -204,6 +208,9 @@ func (c *Config) check(data []byte) error {
 	}
 	if c.Python.Executable != "" && c.Python.Venv != "" {
 		return bad("python.venv", "set python.executable or python.venv, not both")
+	}
+	if c.Python.BlockTimeoutMS < 0 {
+		return bad("python.block_timeout_ms", "must be ≥ 0 milliseconds (0: never interrupt; default 2000)")
 	}
 	if c.Python.SwitchIntervalUS < 0 {
 		return bad("python.switch_interval_us", "must be > 0 microseconds (default 100)")

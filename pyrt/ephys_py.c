@@ -46,6 +46,36 @@ struct ephys_stage {
 };
 
 static PyThreadState *main_ts;
+static unsigned long main_thread_id; // the interpreter thread, for ephys_interrupt
+// The per-block call in progress (changed with the GIL held), watched by
+// the Go watchdog for hung scripts.
+static int64_t call_id;
+static int call_active;
+static int call_stage;
+
+static void call_begin(ephys_stage *st) {
+	__atomic_store_n(&call_stage, st->id, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&call_id, 1, __ATOMIC_RELAXED);
+	__atomic_store_n(&call_active, 1, __ATOMIC_RELEASE);
+}
+
+static int interrupt_pending; // GIL held
+
+static void call_end(void) {
+	// A TimeoutError scheduled too late to fire inside this call must not
+	// hit the next one.
+	if (interrupt_pending) {
+		PyThreadState_SetAsyncExc(main_thread_id, NULL);
+		interrupt_pending = 0;
+	}
+	__atomic_store_n(&call_active, 0, __ATOMIC_RELEASE);
+}
+
+int64_t ephys_call_state(int *active, int *stage) {
+	*active = __atomic_load_n(&call_active, __ATOMIC_ACQUIRE);
+	*stage = __atomic_load_n(&call_stage, __ATOMIC_RELAXED);
+	return __atomic_load_n(&call_id, __ATOMIC_RELAXED);
+}
 static _Thread_local int on_interp_thread;
 static _Thread_local ephys_stage *current_stage; // for module-level add_python_event and logs
 
@@ -334,6 +364,7 @@ int ephys_init(const char *program, const char *stdlib_check, double switch_inte
 		return -1;
 	}
 	on_interp_thread = 1;
+	main_thread_id = PyThread_get_thread_ident();
 
 	PyObject *sys = PyImport_ImportModule("sys");
 	if (sys != NULL) {
@@ -416,6 +447,20 @@ int ephys_run_string(const char *src, char **err) {
 	Py_DECREF(globals);
 	PyGILState_Release(g);
 	return rc;
+}
+
+int ephys_interrupt(int64_t id) {
+	// Takes the GIL from the running Python code at its next switch
+	// interval, then, if the same call is still running, schedules
+	// TimeoutError in the interpreter thread.
+	PyGILState_STATE g = PyGILState_Ensure();
+	int n = 0;
+	if (call_active && call_id == id) {
+		n = PyThreadState_SetAsyncExc(main_thread_id, PyExc_TimeoutError);
+		interrupt_pending = 1;
+	}
+	PyGILState_Release(g);
+	return n;
 }
 
 int ephys_register_channel(int processor_id, const char *name) {
@@ -586,6 +631,7 @@ int ephys_stage_process(ephys_stage *st, float *data, int channels, int samples,
 	if (st->m_process == NULL)
 		return 2;
 	PyEval_RestoreThread(main_ts);
+	call_begin(st);
 	current_stage = st;
 	st->block_first = first;
 	st->block_samples = samples;
@@ -624,6 +670,7 @@ out:
 	}
 	st->block_samples = 0;
 	current_stage = NULL;
+	call_end();
 	main_ts = PyEval_SaveThread();
 	return rc;
 }
@@ -634,6 +681,7 @@ int ephys_stage_ttl(ephys_stage *st, int source_node, int line, int state, int64
 	if (st->m_ttl == NULL)
 		return 2;
 	PyEval_RestoreThread(main_ts);
+	call_begin(st);
 	current_stage = st;
 	int rc = 0;
 	PyObject *node = PyLong_FromLong(source_node);
@@ -660,6 +708,7 @@ int ephys_stage_ttl(ephys_stage *st, int source_node, int line, int state, int64
 	Py_XDECREF(sn);
 	Py_XDECREF(ln);
 	current_stage = NULL;
+	call_end();
 	main_ts = PyEval_SaveThread();
 	return rc;
 }
@@ -671,6 +720,7 @@ int ephys_stage_spike(ephys_stage *st, int source_node, const char *electrode, i
 	if (st->m_spike == NULL)
 		return 2;
 	PyEval_RestoreThread(main_ts);
+	call_begin(st);
 	current_stage = st;
 	int rc = 0;
 	// The waveform is copied into immutable bytes, so the array is read-only
@@ -691,6 +741,7 @@ int ephys_stage_spike(ephys_stage *st, int source_node, const char *electrode, i
 	Py_XDECREF(flat);
 	Py_XDECREF(bytes);
 	current_stage = NULL;
+	call_end();
 	main_ts = PyEval_SaveThread();
 	return rc;
 }

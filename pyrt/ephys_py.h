@@ -61,6 +61,14 @@ char *ephys_stage_error(ephys_stage *st, int full);
 // Event channel names passed to handle_ttl_event, by source processor id.
 int ephys_register_channel(int processor_id, const char *name);
 
+// Raise TimeoutError in the interpreter thread at its next bytecode if the
+// per-block call `call` is still running (any thread; blocks until it can
+// take the GIL). Returns 1 if it did.
+int ephys_interrupt(int64_t call);
+// The id of the latest per-block call, whether it is still running, and
+// its stage id.
+int64_t ephys_call_state(int *active, int *stage);
+
 // Run Python source on the interpreter thread (tests, diagnostics).
 int ephys_run_string(const char *code, char **err);
 

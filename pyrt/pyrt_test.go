@@ -808,3 +808,37 @@ assert signal.getsignal(signal.SIGINT) is before, "a script replaced the SIGINT 
 		t.Fatal("no log line for the ignored signal.signal call")
 	}
 }
+
+// A script stuck in an endless loop gets TimeoutError from the watchdog:
+// contained like any exception, and the next blocks go to Python again.
+func TestHungProcessIsInterrupted(t *testing.T) {
+	path := writeModule(t, "", "hang.py", `
+class PyProcessor:
+    def __init__(self, processor, num_channels, sample_rate):
+        self.n = 0
+    def process(self, data):
+        self.n += 1
+        if self.n == 2:
+            while True:
+                pass
+        data += 1
+`)
+	s := newStage(t, path, 1)
+	start := time.Now()
+	col := runPipeline(t, 1, 10, 4, []pipeline.Stage{s}, nil)
+	if time.Since(start) < 2*time.Second {
+		t.Fatalf("interrupted before the 2 s limit")
+	}
+	for bi, d := range col.data {
+		want := inputValue(0, col.first[bi]) + 1
+		if bi == 1 {
+			want = inputValue(0, col.first[bi])
+		}
+		if d[0] != want {
+			t.Fatalf("block %d: %v want %v", bi, d[0], want)
+		}
+	}
+	if st := s.Status(); !strings.Contains(st.LastError, "TimeoutError") || st.Errors != 1 {
+		t.Fatalf("status %+v", st)
+	}
+}

@@ -44,7 +44,12 @@ type Config struct {
 	// A script that starts a busy Python thread delays every call by up to this
 	// much. Default 100 µs.
 	SwitchInterval time.Duration
-	Log            *zap.Logger
+	// BlockTimeout is how long one per-block call (process or a handler)
+	// may run before ephysd raises TimeoutError in it; 0 means 2 s, < 0
+	// never. A pure-Python loop is interrupted; code blocked inside C (a
+	// sleep, a read) is interrupted when it returns to Python.
+	BlockTimeout time.Duration
+	Log          *zap.Logger
 }
 
 // Runtime is the process's embedded Python.
@@ -107,6 +112,12 @@ func Start(cfg Config) (*Runtime, error) {
 	if err := <-ready; err != nil {
 		return nil, err
 	}
+	if cfg.BlockTimeout == 0 {
+		cfg.BlockTimeout = 2 * time.Second
+	}
+	if cfg.BlockTimeout > 0 {
+		go rt.watchdog(cfg.BlockTimeout)
+	}
 	started = rt
 	return rt, nil
 }
@@ -154,6 +165,40 @@ func (rt *Runtime) thread(cfg Config, ready chan<- error) {
 		case loop := <-rt.loops:
 			loop(rt.tasks)
 		}
+	}
+}
+
+// watchdog raises TimeoutError in a per-block Python call that has run
+// longer than limit, once per call.
+func (rt *Runtime) watchdog(limit time.Duration) {
+	tick := limit / 4
+	if tick < 10*time.Millisecond {
+		tick = 10 * time.Millisecond
+	}
+	var seen, interrupted C.int64_t = -1, -1
+	var since time.Time
+	for now := range time.Tick(tick) {
+		var active, stage C.int
+		id := C.ephys_call_state(&active, &stage)
+		if active == 0 {
+			seen = -1
+			continue
+		}
+		if id != seen {
+			seen, since = id, now
+			continue
+		}
+		if id == interrupted || now.Sub(since) < limit {
+			continue
+		}
+		name := fmt.Sprint(int(stage))
+		if v, ok := stageNames.Load(int(stage)); ok {
+			name = v.(*Stage).name
+		}
+		rt.log.Warn("python stage is stuck in one call; raising TimeoutError in it (blocks meanwhile are dropped as overruns)",
+			zap.String("stage", name), zap.Duration("running_for", now.Sub(since)), zap.Duration("limit", limit))
+		interrupted = id
+		C.ephys_interrupt(id)
 	}
 }
 
