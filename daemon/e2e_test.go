@@ -381,3 +381,61 @@ func mustAbs(t *testing.T, p string) string {
 	}
 	return a
 }
+
+// Blocks of a single sample work end to end, and a message given to the
+// runner is recorded under events/MessageCenter at the sample it arrived.
+func TestOneSampleBlocksAndMessages(t *testing.T) {
+	out := t.TempDir()
+	cfg, err := ParseConfig(filepath.Join(out, "x.toml"), []byte(fmt.Sprintf(`
+[source]
+driver = "sim"
+[source.sim]
+channels = 4
+rate = 1000
+realtime = true
+[pipeline]
+block_ms = 0.1
+[recording]
+parent_directory = %q
+`, out)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := NewChain(cfg, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.BlockSamples != 1 {
+		t.Fatalf("block of %d samples, want 1", c.BlockSamples)
+	}
+	if _, err := c.StartRecording(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	c.Runner.Message("stimulus on")
+	time.Sleep(200 * time.Millisecond)
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	st := c.Runner.Stats()
+	if st.Blocks != st.Samples || st.Samples < 300 || st.OverrunBlocks != 0 {
+		t.Fatalf("stats %+v", st)
+	}
+	out2 := pyCheck(t, `
+import sys, glob, numpy as np
+rec = glob.glob(sys.argv[1] + "/Record Node */experiment1/recording1")[0]
+text = np.load(rec + "/events/MessageCenter/text.npy")
+sn = np.load(rec + "/events/MessageCenter/sample_numbers.npy")
+cont = np.load(rec + "/continuous/Simulated_Headstage-100.sim/sample_numbers.npy")
+assert list(text) == [b"stimulus on"], text
+assert cont[0] <= sn[0] <= cont[-1] and 150 <= sn[0] <= 300, (sn, cont[0], cont[-1])
+assert (np.diff(cont) == 1).all()
+print("ok")
+`, c.Session.Dir())
+	if !strings.HasPrefix(out2, "ok") {
+		t.Fatal(out2)
+	}
+}

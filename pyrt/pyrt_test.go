@@ -842,3 +842,42 @@ class PyProcessor:
 		t.Fatalf("status %+v", st)
 	}
 }
+
+// Exceptions in hooks and handlers are contained too: logged, counted, and
+// the data goes on through process.
+func TestHookAndHandlerExceptionsAreContained(t *testing.T) {
+	path := writeModule(t, "", "hookraise.py", `
+class PyProcessor:
+    def __init__(self, processor, num_channels, sample_rate):
+        pass
+    def start_acquisition(self):
+        raise RuntimeError("start failed")
+    def handle_ttl_event(self, source_node, channel, sample_number, line, state):
+        raise RuntimeError("ttl failed")
+    def process(self, data):
+        data += 5
+    def stop_acquisition(self):
+        raise RuntimeError("stop failed")
+`)
+	s := newStage(t, path, 1)
+	col := runPipeline(t, 1, 40, 3, []pipeline.Stage{s}, nil)
+	for bi, d := range col.data {
+		if d[0] != inputValue(0, col.first[bi])+5 {
+			t.Fatalf("block %d not processed after a handler raised", bi)
+		}
+	}
+	st := s.Status()
+	// start + 3 blocks with TTL edges (one handler raise each is logged) + stop
+	if st.Errors < 3 || !strings.Contains(st.LastError, "RuntimeError") {
+		t.Fatalf("status %+v", st)
+	}
+	var sawStart bool
+	for _, e := range logsFor(s.Name()) {
+		if tb, _ := e.ContextMap()["traceback"].(string); strings.Contains(tb, "start failed") {
+			sawStart = true
+		}
+	}
+	if !sawStart {
+		t.Fatal("start_acquisition's traceback was not logged")
+	}
+}
