@@ -104,6 +104,17 @@ func NewLogger(level, format string, w io.Writer) (*zap.Logger, error) {
 	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), lvl)), nil
 }
 
+// signalContext ends at the first SIGINT or SIGTERM, which starts a clean
+// stop; from then on a second signal kills the process the default way.
+func signalContext() (context.Context, context.CancelFunc) {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
+	return ctx, stop
+}
+
 func isTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
 	return ok && term.IsTerminal(int(f.Fd()))
@@ -148,7 +159,7 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 	}
 	defer log.Sync()
 
-	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := signalContext()
 	defer cancel()
 
 	chain, err := NewChain(cfg, log)
@@ -180,7 +191,6 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 		reason = "source ended"
 	}
 	stopProgress()
-	cancel() // a second Ctrl-C now kills the process the default way
 	log.Info("stopping", zap.String("reason", reason))
 	runErr := chain.Stop()
 	printSummary(stdout, chain)
@@ -258,12 +268,8 @@ func processCommand(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer log.Sync()
-	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := signalContext()
 	defer cancel()
-	go func() {
-		<-ctx.Done()
-		cancel() // after the first signal, a second one kills the process the default way
-	}()
 	res, err := Process(ctx, cfg, log, duration, stderr)
 	if res != nil {
 		printSummary(stdout, res)

@@ -26,9 +26,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"sync"
-	"sync/atomic"
-	"time"
 	"unsafe"
 
 	"github.com/ephysd/ephysd/drivers"
@@ -96,12 +93,7 @@ type Source struct {
 	ei     int    // next event to apply
 	word   uint64 // digital word after the applied events
 
-	started  bool
-	start    time.Time
-	timer    *time.Timer
-	stop     chan struct{}
-	stopOnce sync.Once
-	stopped  atomic.Bool
+	clock *drivers.Clock
 }
 
 // ttlEvent is one change of one input line.
@@ -133,10 +125,11 @@ func Open(cfg Config) (*Source, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Source{dir: dir, realtime: cfg.Realtime, stop: make(chan struct{})}
+	s := &Source{dir: dir, realtime: cfg.Realtime, clock: drivers.NewClock(1)}
 	if err := s.describe(oebinPath, st); err != nil {
 		return nil, err
 	}
+	s.clock = drivers.NewClock(s.rate)
 	newer, known := o.guiVersionAtLeast06()
 	if err := s.openContinuous(filepath.Join(dir, "continuous", folder(st.FolderName)), o.GUIVersion, newer, known); err != nil {
 		s.Close()
@@ -328,22 +321,15 @@ func (s *Source) Realtime() bool { return s.realtime }
 
 // Start starts the clock that realtime pacing follows.
 func (s *Source) Start() error {
-	if s.started {
-		return errors.New("playback: source already started")
+	if err := s.clock.Start(); err != nil {
+		return fmt.Errorf("playback: %w", err)
 	}
-	s.started = true
-	s.start = time.Now()
-	s.timer = time.NewTimer(time.Hour)
-	s.timer.Stop()
 	return nil
 }
 
 // Stop makes a pending ReadBlock, and every later one, return io.EOF.
 func (s *Source) Stop() error {
-	s.stopOnce.Do(func() {
-		s.stopped.Store(true)
-		close(s.stop)
-	})
+	s.clock.Stop()
 	return nil
 }
 
@@ -373,10 +359,10 @@ func (s *Source) sampleNumber(i int) int64 {
 // mode it returns when the wall clock, measured from Start, reaches the end
 // of the block. It returns io.EOF at the end and after Stop.
 func (s *Source) ReadBlock(b *pipeline.Block) error {
-	if s.stopped.Load() {
+	if s.clock.Stopped() {
 		return io.EOF
 	}
-	if !s.started {
+	if !s.clock.Started() {
 		return errors.New("playback: ReadBlock before Start")
 	}
 	if b.Channels != s.nch {
@@ -397,7 +383,7 @@ func (s *Source) ReadBlock(b *pipeline.Block) error {
 	s.digital(b.Digital[:n], first)
 	s.pos += n
 	if s.realtime {
-		return s.waitUntil(first + int64(n))
+		return s.clock.WaitUntil(first + int64(n) - s.sn0)
 	}
 	return nil
 }
@@ -453,19 +439,3 @@ func (s *Source) digital(words []uint64, first int64) {
 	}
 }
 
-// waitUntil sleeps until the wall clock reaches sample number end, counted
-// from the recording's first sample at Start.
-func (s *Source) waitUntil(end int64) error {
-	d := time.Until(s.start.Add(time.Duration(float64(end-s.sn0) / s.rate * 1e9)))
-	if d <= 0 {
-		return nil
-	}
-	s.timer.Reset(d)
-	select {
-	case <-s.timer.C:
-		return nil
-	case <-s.stop:
-		s.timer.Stop()
-		return io.EOF
-	}
-}

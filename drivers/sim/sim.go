@@ -6,10 +6,8 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
-	"sync"
-	"sync/atomic"
-	"time"
 
+	"github.com/ephysd/ephysd/drivers"
 	"github.com/ephysd/ephysd/pipeline"
 )
 
@@ -69,12 +67,7 @@ type Source struct {
 	pulseStart [maxPulses]int64 // offsets within the second
 	pulseEnd   [maxPulses]int64
 
-	started  bool
-	start    time.Time
-	timer    *time.Timer
-	stop     chan struct{}
-	stopOnce sync.Once
-	stopped  atomic.Bool
+	clock *drivers.Clock
 }
 
 // unit is one simulated neuron: a waveform template, the channels it is
@@ -103,7 +96,7 @@ func New(cfg Config) (*Source, error) {
 		cfg:      cfg,
 		nch:      cfg.Channels,
 		rate:     int64(cfg.Rate),
-		stop:     make(chan struct{}),
+		clock:    drivers.NewClock(float64(cfg.Rate)),
 		pulseSec: -1,
 	}
 	s.info = pipeline.StreamInfo{
@@ -236,22 +229,15 @@ func (s *Source) Realtime() bool { return s.cfg.Realtime }
 
 // Start starts the clock that realtime pacing follows.
 func (s *Source) Start() error {
-	if s.started {
-		return errors.New("sim: source already started")
+	if err := s.clock.Start(); err != nil {
+		return fmt.Errorf("sim: %w", err)
 	}
-	s.started = true
-	s.start = time.Now()
-	s.timer = time.NewTimer(time.Hour)
-	s.timer.Stop()
 	return nil
 }
 
 // Stop makes a pending ReadBlock, and every later one, return io.EOF.
 func (s *Source) Stop() error {
-	s.stopOnce.Do(func() {
-		s.stopped.Store(true)
-		close(s.stop)
-	})
+	s.clock.Stop()
 	return nil
 }
 
@@ -266,10 +252,10 @@ func (s *Source) Close() error {
 // returns when the wall clock reaches the end of the block (measured from
 // Start), so reading never drifts. It returns io.EOF after Stop.
 func (s *Source) ReadBlock(b *pipeline.Block) error {
-	if s.stopped.Load() {
+	if s.clock.Stopped() {
 		return io.EOF
 	}
-	if !s.started {
+	if !s.clock.Started() {
 		return errors.New("sim: ReadBlock before Start")
 	}
 	if b.Channels != s.nch {
@@ -289,27 +275,11 @@ func (s *Source) ReadBlock(b *pipeline.Block) error {
 	s.generate(b.Data[:s.nch*n], b.Digital[:n], s.next, n)
 	s.next += int64(n)
 	if s.cfg.Realtime {
-		return s.waitUntil(s.next)
+		return s.clock.WaitUntil(s.next)
 	}
 	return nil
 }
 
-// waitUntil sleeps until the wall clock reaches sample number end.
-func (s *Source) waitUntil(end int64) error {
-	at := time.Duration(end/s.rate)*time.Second + time.Duration(end%s.rate)*time.Second/time.Duration(s.rate)
-	d := time.Until(s.start.Add(at))
-	if d <= 0 {
-		return nil
-	}
-	s.timer.Reset(d)
-	select {
-	case <-s.timer.C:
-		return nil
-	case <-s.stop:
-		s.timer.Stop()
-		return io.EOF
-	}
-}
 
 // generate writes n samples from sample number first into data (channel
 // major, stride n) and digital.
