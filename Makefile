@@ -48,7 +48,7 @@ bench: build
 	./$(BIN) bench
 
 soak: build
-	./$(BIN) process --source sim --channels 384 --module examples/bandpass_filter.py --out $${TMPDIR:-/tmp}/ephysd-soak --duration 10m
+	./$(BIN) process --source sim --channels 384 --realtime --module examples/bandpass_filter.py --out $${TMPDIR:-/tmp}/ephysd-soak --duration 10m
 
 # Installs the binary. The systemd unit and udev rules are not written yet
 # (they come with the service work); this target says so rather than
