@@ -184,6 +184,16 @@ func (c *Chain) StartRecording() (*pipeline.Recording, error) {
 	return rec, nil
 }
 
+// ReloadStages re-imports every Python stage's module while acquiring
+// (SIGHUP). A module that fails to load is logged and its previous version
+// keeps running.
+func (c *Chain) ReloadStages() {
+	for _, s := range c.Stages {
+		c.Log.Info("reloading python module", zap.String("stage", s.Name()), zap.String("module", s.Path()))
+		_ = s.Reload() // logged by the stage
+	}
+}
+
 // StopRecording ends the recording at the next block.
 func (c *Chain) StopRecording() {
 	c.Runner.StopRecording()

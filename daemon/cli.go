@@ -181,14 +181,21 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 		timer = time.After(duration)
 	}
 	stopProgress := startProgress(chain, stderr)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	reason := ""
-	select {
-	case <-ctx.Done():
-		reason = "signal"
-	case <-timer:
-		reason = "duration reached"
-	case <-chain.Runner.Done():
-		reason = "source ended"
+	for reason == "" {
+		select {
+		case <-ctx.Done():
+			reason = "signal"
+		case <-timer:
+			reason = "duration reached"
+		case <-chain.Runner.Done():
+			reason = "source ended"
+		case <-hup:
+			chain.ReloadStages()
+		}
 	}
 	stopProgress()
 	log.Info("stopping", zap.String("reason", reason))

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -347,12 +348,17 @@ parent_directory = "recs"
 		cmd.Process.Kill()
 		t.Fatalf("did not start recording:\n%s", <-logs)
 	}
-	time.Sleep(1500 * time.Millisecond)
+	time.Sleep(700 * time.Millisecond)
+	cmd.Process.Signal(syscall.SIGHUP) // reload the Python modules while recording
+	time.Sleep(800 * time.Millisecond)
 	cmd.Process.Signal(os.Interrupt)
 	err := cmd.Wait()
 	log := <-logs
 	if err != nil {
 		t.Fatalf("exit: %v\n%s\n%s", err, log, stdout.String())
+	}
+	if strings.Count(log, "python module loaded") != 4 {
+		t.Fatalf("SIGHUP did not reload both modules:\n%s", log)
 	}
 	if !strings.Contains(log, `"reason": "signal"`) || !strings.Contains(stdout.String(), "overruns    0 blocks") {
 		t.Fatalf("log:\n%s\nsummary:\n%s", log, stdout.String())
