@@ -438,4 +438,3 @@ func (s *Source) digital(words []uint64, first int64) {
 		words[i] = s.word
 	}
 }
-

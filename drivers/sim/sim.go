@@ -280,7 +280,6 @@ func (s *Source) ReadBlock(b *pipeline.Block) error {
 	return nil
 }
 
-
 // generate writes n samples from sample number first into data (channel
 // major, stride n) and digital.
 func (s *Source) generate(data []float32, digital []uint64, first int64, n int) {
