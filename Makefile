@@ -10,7 +10,8 @@ CONFIG  ?= examples/ephysd.toml
 # Debian 12 packages the build and the tests need: cgo and libpython for the
 # embedded interpreter, numpy/scipy for the example modules, neo to read
 # recordings back in the tests.
-DEB_PACKAGES := gcc pkg-config libpython3-dev python3-numpy python3-scipy python3-neo
+DEB_PACKAGES := gcc pkg-config libpython3-dev python3-numpy python3-scipy python3-neo \
+                libusb-1.0-0-dev umockdev
 
 .PHONY: all deps build run test bench soak install clean
 

@@ -1,0 +1,75 @@
+// Package ptytest gives driver tests a real pseudo-terminal: the driver
+// opens the slave by path through go.bug.st/serial, exactly as it opens a
+// device, and the test's fake device speaks the protocol on the master.
+package ptytest
+
+import (
+	"os"
+	"testing"
+	"time"
+
+	"github.com/creack/pty"
+	"golang.org/x/term"
+)
+
+// PTY is a pseudo-terminal pair. Master is the fake device's end; Path is
+// the slave's path for the driver.
+type PTY struct {
+	Master *os.File
+	Path   string
+	slave  *os.File
+}
+
+// New opens a pseudo-terminal in raw mode. The slave stays open (so the
+// master never sees EIO before the driver opens it) until Close or
+// ReleaseSlave; Close on the master is the test's "unplug".
+func New(t testing.TB) *PTY {
+	t.Helper()
+	m, s, err := pty.Open()
+	if err != nil {
+		t.Fatalf("ptytest: %v", err)
+	}
+	if _, err := term.MakeRaw(int(s.Fd())); err != nil {
+		t.Fatalf("ptytest: raw mode: %v", err)
+	}
+	p := &PTY{Master: m, Path: s.Name(), slave: s}
+	t.Cleanup(p.Close)
+	return p
+}
+
+// ReleaseSlave closes the test's own handle on the slave, once the driver
+// has opened it, so that the driver's close is the last one.
+func (p *PTY) ReleaseSlave() {
+	if p.slave != nil {
+		p.slave.Close()
+		p.slave = nil
+	}
+}
+
+// Unplug closes the master: the driver's reads fail as when a USB device
+// is pulled out.
+func (p *PTY) Unplug() { p.Master.Close() }
+
+// Close closes both ends.
+func (p *PTY) Close() {
+	p.ReleaseSlave()
+	p.Master.Close()
+}
+
+// ReadFull reads exactly n bytes from the master (what the driver sent), or
+// fails the test after timeout.
+func (p *PTY) ReadFull(t testing.TB, n int, timeout time.Duration) []byte {
+	t.Helper()
+	buf := make([]byte, n)
+	got := 0
+	deadline := time.Now().Add(timeout)
+	for got < n {
+		p.Master.SetReadDeadline(deadline)
+		k, err := p.Master.Read(buf[got:])
+		got += k
+		if err != nil {
+			t.Fatalf("ptytest: read %d of %d bytes from the driver: %v (got % x)", got, n, err, buf[:got])
+		}
+	}
+	return buf
+}
