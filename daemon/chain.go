@@ -36,6 +36,10 @@ type Chain struct {
 	Session      *recording.Session
 	Runner       *pipeline.Runner
 	Realtime     bool
+	// Device is the source's reopening wrapper when the source is a live
+	// device (nil for sim and playback).
+	Device  *drivers.ReopeningSource
+	Outputs []*drivers.ReopeningSink
 
 	started   time.Time
 	stopped   time.Time
@@ -61,6 +65,21 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 	c.Realtime = true
 	if p, ok := src.(drivers.Paced); ok {
 		c.Realtime = p.Realtime()
+	} else {
+		// A live device: reopen it with backoff when it disappears.
+		first := src
+		c.Device, err = drivers.NewReopeningSource(cfg.Source.Driver+" source", func() (drivers.Source, error) {
+			if first != nil {
+				s := first
+				first = nil
+				return s, nil
+			}
+			return cfg.Driver.Open()
+		}, log, drivers.Backoff{})
+		if err != nil {
+			return nil, err
+		}
+		c.Source = c.Device
 	}
 	if c.Info.SampleRate <= 0 || len(c.Info.Channels) == 0 {
 		return nil, fmt.Errorf("source %s: reports %d channels at %v Hz", cfg.Source.Driver, len(c.Info.Channels), c.Info.SampleRate)
@@ -114,6 +133,22 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 		}
 	}
 
+	procs := drivers.Processors{SourceID: c.Info.ProcessorID, Python: map[string]int{}}
+	for _, st := range c.Stages {
+		procs.Python[st.Name()] = st.ID()
+	}
+	var sinks []pipeline.EventSink
+	for i, oc := range cfg.Outputs {
+		oc := oc
+		name := fmt.Sprintf("output %d (%s)", i+1, oc.Driver)
+		out, err := drivers.NewReopeningSink(name, func() (drivers.Sink, error) { return oc.Sink.Open(procs) }, log, drivers.Backoff{})
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		c.Outputs = append(c.Outputs, out)
+		sinks = append(sinks, out)
+	}
+
 	nodeID := cfg.Recording.RecordNodeID
 	if nodeID == 0 {
 		nodeID = firstStageID + len(cfg.Stages)
@@ -128,7 +163,7 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 	}
 	rc := pipeline.RunnerConfig{
 		Source: src, SourceID: c.Info.ProcessorID, Pool: c.Pool, Stages: stages,
-		Consumers: []pipeline.Consumer{c.Recorder}, KeepRaw: cfg.Recording.RecordRaw,
+		EventSinks: sinks, Consumers: []pipeline.Consumer{c.Recorder}, KeepRaw: cfg.Recording.RecordRaw,
 		QueueDepth: depth, Backpressure: !c.Realtime,
 		Interrupt: func() { _ = src.Stop() }, Log: log,
 	}
@@ -238,6 +273,9 @@ func (c *Chain) closeAll() {
 	var errs []error
 	if c.Source != nil {
 		errs = append(errs, c.Source.Close())
+	}
+	for _, o := range c.Outputs {
+		errs = append(errs, o.Close())
 	}
 	if c.Pool != nil {
 		keep := false

@@ -39,6 +39,10 @@ Usage:
       Run Python modules over a simulated or recorded session as fast as possible,
       write an Open Ephys recording into DIR and print a summary.
 
+  ephysd devices
+      List the serial ports and USB devices ephysd recognises, the driver that
+      would take each, and whether this user may open it.
+
   ephysd bench
       Print performance figures: Go→Python call overhead, allocations per block,
       and process speed for 384 channels at 30 kHz.
@@ -60,6 +64,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = processCommand(args[1:], stdout, stderr)
 	case "bench":
 		err = benchCommand(args[1:], stdout, stderr)
+	case "devices":
+		err = devicesCommand(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintf(stdout, "ephysd %s\n", Version)
 	case "help", "-h", "--help":
@@ -394,6 +400,15 @@ func printSummary(w io.Writer, c *Chain) {
 	fmt.Fprintf(w, "overruns    %d blocks (%d samples dropped)\n", st.OverrunBlocks, st.OverrunSamples)
 	if st.Gaps > 0 {
 		fmt.Fprintf(w, "gaps        %d in the source (%d samples missing)\n", st.Gaps, st.GapSamples)
+	}
+	if c.Device != nil {
+		if d := c.Device.State(); d.Disconnects > 0 {
+			fmt.Fprintf(w, "device      disconnected %d times (last: %s)\n", d.Disconnects, d.LastError)
+		}
+	}
+	for i, o := range c.Outputs {
+		d := o.State()
+		fmt.Fprintf(w, "output %d    connected=%v  disconnects %d  blocks of events dropped while away %d\n", i+1, d.Connected, d.Disconnects, o.Dropped())
 	}
 	for i, s := range c.Stages {
 		h := c.Runner.StageTime(i)

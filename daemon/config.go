@@ -23,6 +23,7 @@ type Config struct {
 	Pipeline  PipelineConfig  `toml:"pipeline"`
 	Python    PythonConfig    `toml:"python"`
 	Stages    []StageConfig   `toml:"stage"`
+	Outputs   []OutputConfig  `toml:"-"` // from [[output]]
 	Recording RecordingConfig `toml:"recording"`
 	Log       LogConfig       `toml:"log"`
 
@@ -37,6 +38,13 @@ type Config struct {
 // is used.
 type SourceConfig struct {
 	Driver string `toml:"driver"`
+}
+
+// OutputConfig is one [[output]]: a TTL output device driven by event
+// lines, configured by its driver's [output.<driver>] table.
+type OutputConfig struct {
+	Driver string
+	Sink   drivers.SinkConfig
 }
 
 // PipelineConfig is the [pipeline] table.
@@ -148,6 +156,18 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 	}
 	fields = append(fields, reflect.StructField{Name: "Driver", Type: reflect.TypeOf(""), Tag: `toml:"driver"`})
 	sourceType := reflect.StructOf(fields)
+	// [[output]] entries: decoded strictly into zero-valued driver configs
+	// here (which checks keys and types, with lines); the defaults are
+	// applied afterwards by decodeOutputs.
+	sinkNames := drivers.SinkNames()
+	outFields := []reflect.StructField{{Name: "Driver", Type: reflect.TypeOf(""), Tag: `toml:"driver"`}}
+	for i, n := range sinkNames {
+		c, _ := drivers.NewSinkConfig(n)
+		outFields = append(outFields, reflect.StructField{
+			Name: "D" + fmt.Sprint(i), Type: reflect.TypeOf(c), Tag: reflect.StructTag(fmt.Sprintf(`toml:"%s"`, n)),
+		})
+	}
+	outputsType := reflect.SliceOf(reflect.StructOf(outFields))
 	docType := reflect.StructOf([]reflect.StructField{
 		{Name: "Source", Type: reflect.PointerTo(sourceType), Tag: `toml:"source"`},
 		{Name: "Pipeline", Type: reflect.TypeOf(&cfg.Pipeline), Tag: `toml:"pipeline"`},
@@ -155,6 +175,7 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 		{Name: "Stages", Type: reflect.TypeOf(&cfg.Stages), Tag: `toml:"stage"`},
 		{Name: "Recording", Type: reflect.TypeOf(&cfg.Recording), Tag: `toml:"recording"`},
 		{Name: "Log", Type: reflect.TypeOf(&cfg.Log), Tag: `toml:"log"`},
+		{Name: "Output", Type: outputsType, Tag: `toml:"output"`},
 	})
 	doc := reflect.New(docType)
 	src := reflect.New(sourceType)
@@ -180,6 +201,9 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 			cfg.Driver = driverCfgs[i]
 		}
 	}
+	if err := cfg.decodeOutputs(data); err != nil {
+		return nil, err
+	}
 	if cfg.Driver == nil {
 		return nil, &ConfigError{File: path, Line: lineOf(data, "driver"), Key: "source.driver",
 			Msg: fmt.Sprintf("unknown driver %q: use one of %s", cfg.Source.Driver, strings.Join(names, ", "))}
@@ -189,6 +213,43 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 	}
 	cfg.resolvePaths()
 	return &cfg, nil
+}
+
+// decodeOutputs fills c.Outputs from the [[output]] entries, each driver
+// table decoded over its driver's defaults. The strict decoding in
+// ParseConfig has already checked every key and type.
+func (c *Config) decodeOutputs(data []byte) error {
+	var raw struct {
+		Output []map[string]any `toml:"output"`
+	}
+	if err := toml.Unmarshal(data, &raw); err != nil {
+		return tomlError(c.path, data, err)
+	}
+	known := drivers.SinkNames()
+	for i, entry := range raw.Output {
+		key := fmt.Sprintf("output[%d]", i+1)
+		name, _ := entry["driver"].(string)
+		sc, err := drivers.NewSinkConfig(name)
+		if err != nil {
+			return &ConfigError{File: c.path, Key: key + ".driver", Msg: fmt.Sprintf("%q: use one of %s", name, strings.Join(known, ", "))}
+		}
+		for k := range entry {
+			if k != "driver" && k != name {
+				return &ConfigError{File: c.path, Key: key, Msg: fmt.Sprintf("driver is %q but the entry has an [output.%s] table", name, k)}
+			}
+		}
+		if sub, ok := entry[name]; ok {
+			b, err := toml.Marshal(sub)
+			if err == nil {
+				err = toml.Unmarshal(b, sc)
+			}
+			if err != nil {
+				return &ConfigError{File: c.path, Key: key + "." + name, Msg: err.Error()}
+			}
+		}
+		c.Outputs = append(c.Outputs, OutputConfig{Driver: name, Sink: sc})
+	}
+	return nil
 }
 
 func (c *Config) check(data []byte) error {
