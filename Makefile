@@ -45,19 +45,20 @@ test: deps
 
 # Prints performance figures (see docs/performance.md).
 bench: build
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./pipeline ./pyrt ./recording ./drivers/...
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
 	./$(BIN) bench
 
 soak: build
 	./$(BIN) process --source sim --channels 384 --realtime --module examples/bandpass_filter.py --out $${TMPDIR:-/tmp}/ephysd-soak --duration 10m
 
-# Installs the binary. The systemd unit and udev rules are not written yet
-# (they come with the service work); this target says so rather than
-# pretending.
+# Installs the binary and the udev rules. The systemd unit comes with the
+# service work; this target says so rather than pretending.
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/ephysd
-	@echo "installed $(DESTDIR)$(PREFIX)/bin/ephysd"
-	@echo "note: no systemd unit or udev rules are installed yet (systemd/ is empty until the service work lands)"
+	install -D -m 0644 systemd/99-ephysd.rules $(DESTDIR)/etc/udev/rules.d/99-ephysd.rules
+	@if [ -z "$(DESTDIR)" ] && command -v udevadm >/dev/null 2>&1; then udevadm control --reload || true; fi
+	@echo "installed $(DESTDIR)$(PREFIX)/bin/ephysd and $(DESTDIR)/etc/udev/rules.d/99-ephysd.rules"
+	@echo "note: no systemd unit is installed yet (it comes with the service work)"
 
 clean:
 	rm -rf bin
