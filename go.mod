@@ -4,6 +4,7 @@ go 1.26.8
 
 require (
 	github.com/creack/pty v1.1.24
+	github.com/google/gousb v1.1.3
 	github.com/pelletier/go-toml/v2 v2.2.4
 	go.bug.st/serial v1.6.2
 	go.uber.org/zap v1.27.0

@@ -39,6 +39,7 @@ type Chain struct {
 	// Device is the source's reopening wrapper when the source is a live
 	// device (nil for sim and playback).
 	Device  *drivers.ReopeningSource
+	Merged  *drivers.MergedSource // when [[input]] devices add lines
 	Outputs []*drivers.ReopeningSink
 
 	started   time.Time
@@ -80,6 +81,18 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 			return nil, err
 		}
 		c.Source = c.Device
+	}
+	if len(cfg.Inputs) > 0 {
+		var ins []drivers.MergedInput
+		for i, ic := range cfg.Inputs {
+			ins = append(ins, drivers.MergedInput{Name: fmt.Sprintf("input %d (%s)", i+1, ic.Driver), Config: ic.Input, FirstLine: ic.FirstLine})
+		}
+		c.Merged, err = drivers.NewMergedSource(c.Source, ins, log)
+		if err != nil {
+			return nil, err
+		}
+		c.Source = c.Merged
+		c.Info = c.Merged.Info()
 	}
 	if c.Info.SampleRate <= 0 || len(c.Info.Channels) == 0 {
 		return nil, fmt.Errorf("source %s: reports %d channels at %v Hz", cfg.Source.Driver, len(c.Info.Channels), c.Info.SampleRate)
@@ -162,10 +175,10 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 		return nil, err
 	}
 	rc := pipeline.RunnerConfig{
-		Source: src, SourceID: c.Info.ProcessorID, Pool: c.Pool, Stages: stages,
+		Source: c.Source, SourceID: c.Info.ProcessorID, Pool: c.Pool, Stages: stages,
 		EventSinks: sinks, Consumers: []pipeline.Consumer{c.Recorder}, KeepRaw: cfg.Recording.RecordRaw,
 		QueueDepth: depth, Backpressure: !c.Realtime,
-		Interrupt: func() { _ = src.Stop() }, Log: log,
+		Interrupt: func() { _ = c.Source.Stop() }, Log: log,
 	}
 	if c.Python != nil {
 		rc.Executor = c.Python

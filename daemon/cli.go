@@ -19,10 +19,20 @@ import (
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/term"
 
-	// Source drivers register themselves.
+	// Drivers register themselves.
+	_ "github.com/ephysd/ephysd/drivers/firmata"
+	"github.com/ephysd/ephysd/drivers/ftdi"
 	_ "github.com/ephysd/ephysd/drivers/playback"
+	_ "github.com/ephysd/ephysd/drivers/pulsepal"
 	_ "github.com/ephysd/ephysd/drivers/sim"
+	"github.com/ephysd/ephysd/drivers/usb/gousbdev"
 )
+
+func init() {
+	// The USB drivers reach devices through libusb in this binary.
+	USBOpener = gousbdev.Opener{}
+	ftdi.USBOpener = gousbdev.Opener{}
+}
 
 // Version is set at build time (-ldflags "-X github.com/ephysd/ephysd/daemon.Version=…").
 var Version = "dev"

@@ -24,6 +24,7 @@ type Config struct {
 	Python    PythonConfig    `toml:"python"`
 	Stages    []StageConfig   `toml:"stage"`
 	Outputs   []OutputConfig  `toml:"-"` // from [[output]]
+	Inputs    []InputConfig   `toml:"-"` // from [[input]]
 	Recording RecordingConfig `toml:"recording"`
 	Log       LogConfig       `toml:"log"`
 
@@ -45,6 +46,14 @@ type SourceConfig struct {
 type OutputConfig struct {
 	Driver string
 	Sink   drivers.SinkConfig
+}
+
+// InputConfig is one [[input]]: a device whose digital input lines are
+// merged into the source's digital word from FirstLine on (default 8).
+type InputConfig struct {
+	Driver    string
+	FirstLine int
+	Input     drivers.InputConfig
 }
 
 // PipelineConfig is the [pipeline] table.
@@ -168,6 +177,17 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 		})
 	}
 	outputsType := reflect.SliceOf(reflect.StructOf(outFields))
+	inFields := []reflect.StructField{
+		{Name: "Driver", Type: reflect.TypeOf(""), Tag: `toml:"driver"`},
+		{Name: "FirstLine", Type: reflect.TypeOf(0), Tag: `toml:"first_line"`},
+	}
+	for i, n := range drivers.InputNames() {
+		c, _ := drivers.NewInputConfig(n)
+		inFields = append(inFields, reflect.StructField{
+			Name: "D" + fmt.Sprint(i), Type: reflect.TypeOf(c), Tag: reflect.StructTag(fmt.Sprintf(`toml:"%s"`, n)),
+		})
+	}
+	inputsType := reflect.SliceOf(reflect.StructOf(inFields))
 	docType := reflect.StructOf([]reflect.StructField{
 		{Name: "Source", Type: reflect.PointerTo(sourceType), Tag: `toml:"source"`},
 		{Name: "Pipeline", Type: reflect.TypeOf(&cfg.Pipeline), Tag: `toml:"pipeline"`},
@@ -176,6 +196,7 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 		{Name: "Recording", Type: reflect.TypeOf(&cfg.Recording), Tag: `toml:"recording"`},
 		{Name: "Log", Type: reflect.TypeOf(&cfg.Log), Tag: `toml:"log"`},
 		{Name: "Output", Type: outputsType, Tag: `toml:"output"`},
+		{Name: "Input", Type: inputsType, Tag: `toml:"input"`},
 	})
 	doc := reflect.New(docType)
 	src := reflect.New(sourceType)
@@ -215,39 +236,70 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 	return &cfg, nil
 }
 
-// decodeOutputs fills c.Outputs from the [[output]] entries, each driver
-// table decoded over its driver's defaults. The strict decoding in
-// ParseConfig has already checked every key and type.
-func (c *Config) decodeOutputs(data []byte) error {
-	var raw struct {
-		Output []map[string]any `toml:"output"`
-	}
+// decodeEntries decodes the [[key]] entries (each a driver name and its
+// [key.<driver>] table) over their drivers' defaults. The strict decoding in
+// ParseConfig has already checked every key and type, with lines.
+func (c *Config) decodeEntries(data []byte, key string, known []string, newConfig func(name string) (any, error)) ([]string, []any, error) {
+	var raw map[string]any
 	if err := toml.Unmarshal(data, &raw); err != nil {
-		return tomlError(c.path, data, err)
+		return nil, nil, tomlError(c.path, data, err)
 	}
-	known := drivers.SinkNames()
-	for i, entry := range raw.Output {
-		key := fmt.Sprintf("output[%d]", i+1)
+	entries, _ := raw[key].([]any)
+	var names []string
+	var cfgs []any
+	for i, e := range entries {
+		entry, _ := e.(map[string]any)
+		where := fmt.Sprintf("%s[%d]", key, i+1)
 		name, _ := entry["driver"].(string)
-		sc, err := drivers.NewSinkConfig(name)
+		cfg, err := newConfig(name)
 		if err != nil {
-			return &ConfigError{File: c.path, Key: key + ".driver", Msg: fmt.Sprintf("%q: use one of %s", name, strings.Join(known, ", "))}
+			return nil, nil, &ConfigError{File: c.path, Key: where + ".driver", Msg: fmt.Sprintf("%q: use one of %s", name, strings.Join(known, ", "))}
 		}
 		for k := range entry {
-			if k != "driver" && k != name {
-				return &ConfigError{File: c.path, Key: key, Msg: fmt.Sprintf("driver is %q but the entry has an [output.%s] table", name, k)}
+			if k != "driver" && k != "first_line" && k != name {
+				return nil, nil, &ConfigError{File: c.path, Key: where, Msg: fmt.Sprintf("driver is %q but the entry has a [%s.%s] table", name, key, k)}
 			}
 		}
 		if sub, ok := entry[name]; ok {
 			b, err := toml.Marshal(sub)
 			if err == nil {
-				err = toml.Unmarshal(b, sc)
+				err = toml.Unmarshal(b, cfg)
 			}
 			if err != nil {
-				return &ConfigError{File: c.path, Key: key + "." + name, Msg: err.Error()}
+				return nil, nil, &ConfigError{File: c.path, Key: where + "." + name, Msg: err.Error()}
 			}
 		}
-		c.Outputs = append(c.Outputs, OutputConfig{Driver: name, Sink: sc})
+		names = append(names, name)
+		cfgs = append(cfgs, cfg)
+	}
+	return names, cfgs, nil
+}
+
+// decodeOutputs fills c.Outputs and c.Inputs.
+func (c *Config) decodeOutputs(data []byte) error {
+	names, cfgs, err := c.decodeEntries(data, "output", drivers.SinkNames(), func(n string) (any, error) { return drivers.NewSinkConfig(n) })
+	if err != nil {
+		return err
+	}
+	for i := range names {
+		c.Outputs = append(c.Outputs, OutputConfig{Driver: names[i], Sink: cfgs[i].(drivers.SinkConfig)})
+	}
+	names, cfgs, err = c.decodeEntries(data, "input", drivers.InputNames(), func(n string) (any, error) { return drivers.NewInputConfig(n) })
+	if err != nil {
+		return err
+	}
+	var raw struct {
+		Input []struct {
+			FirstLine *int `toml:"first_line"`
+		} `toml:"input"`
+	}
+	toml.Unmarshal(data, &raw)
+	for i := range names {
+		first := 8
+		if i < len(raw.Input) && raw.Input[i].FirstLine != nil {
+			first = *raw.Input[i].FirstLine
+		}
+		c.Inputs = append(c.Inputs, InputConfig{Driver: names[i], FirstLine: first, Input: cfgs[i].(drivers.InputConfig)})
 	}
 	return nil
 }

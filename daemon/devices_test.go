@@ -30,7 +30,7 @@ func TestRecognise(t *testing.T) {
 type listOnly struct{ devs []usb.Info }
 
 func (l listOnly) Open(usb.ID, int) (usb.Device, error) { return nil, usb.ErrNoDevice }
-func (l listOnly) List() ([]usb.Info, error)             { return l.devs, nil }
+func (l listOnly) List() ([]usb.Info, error)            { return l.devs, nil }
 
 func TestDevicesCommandListsUSB(t *testing.T) {
 	old := USBOpener
