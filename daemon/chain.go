@@ -57,9 +57,15 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 			c.closeAll()
 		}
 	}()
+	if l, ok := cfg.Driver.(loggerSetter); ok {
+		l.SetLogger(log)
+	}
 	src, err := cfg.Driver.Open()
 	if err != nil {
 		return nil, err
+	}
+	if l, ok := src.(loggerSetter); ok {
+		l.SetLogger(log)
 	}
 	c.Source = src
 	c.Info = src.Info()
@@ -75,7 +81,11 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 				first = nil
 				return s, nil
 			}
-			return cfg.Driver.Open()
+			s, err := cfg.Driver.Open()
+			if l, ok := s.(loggerSetter); ok && err == nil {
+				l.SetLogger(log)
+			}
+			return s, err
 		}, log, drivers.Backoff{})
 		if err != nil {
 			return nil, err
@@ -189,6 +199,10 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 	}
 	return c, nil
 }
+
+// loggerSetter is implemented by drivers (configurations or sources) that
+// log what their device does (lost packets, messages).
+type loggerSetter interface{ SetLogger(*zap.Logger) }
 
 func blockTimeout(ms float64) time.Duration {
 	if ms == 0 {

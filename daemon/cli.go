@@ -25,6 +25,7 @@ import (
 	_ "github.com/ephysd/ephysd/drivers/playback"
 	_ "github.com/ephysd/ephysd/drivers/pulsepal"
 	_ "github.com/ephysd/ephysd/drivers/sim"
+	"github.com/ephysd/ephysd/drivers/stream"
 	"github.com/ephysd/ephysd/drivers/usb/gousbdev"
 )
 
@@ -32,6 +33,7 @@ func init() {
 	// The USB drivers reach devices through libusb in this binary.
 	USBOpener = gousbdev.Opener{}
 	ftdi.USBOpener = gousbdev.Opener{}
+	stream.Opener = gousbdev.Opener{}
 }
 
 // Version is set at build time (-ldflags "-X github.com/ephysd/ephysd/daemon.Version=…").
