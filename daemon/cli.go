@@ -21,10 +21,12 @@ import (
 
 	// Drivers register themselves.
 	_ "github.com/ephysd/ephysd/drivers/firmata"
+	_ "github.com/ephysd/ephysd/drivers/openbci"
 	"github.com/ephysd/ephysd/drivers/ftdi"
 	_ "github.com/ephysd/ephysd/drivers/playback"
 	_ "github.com/ephysd/ephysd/drivers/pulsepal"
 	_ "github.com/ephysd/ephysd/drivers/sim"
+	_ "github.com/ephysd/ephysd/drivers/spikerbox"
 	"github.com/ephysd/ephysd/drivers/stream"
 	"github.com/ephysd/ephysd/drivers/usb/gousbdev"
 )
