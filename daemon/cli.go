@@ -21,8 +21,8 @@ import (
 
 	// Drivers register themselves.
 	_ "github.com/ephysd/ephysd/drivers/firmata"
-	_ "github.com/ephysd/ephysd/drivers/openbci"
 	"github.com/ephysd/ephysd/drivers/ftdi"
+	_ "github.com/ephysd/ephysd/drivers/openbci"
 	_ "github.com/ephysd/ephysd/drivers/playback"
 	_ "github.com/ephysd/ephysd/drivers/pulsepal"
 	_ "github.com/ephysd/ephysd/drivers/sim"
