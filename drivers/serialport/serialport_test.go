@@ -42,8 +42,19 @@ func TestOpenPTYBothWays(t *testing.T) {
 	if string(buf) != "\xA0\x00\xC0\n\r" {
 		t.Fatalf("got % x", buf)
 	}
-	// Unplug: reads fail.
+	// Unplug while the fake device is blocked reading: the read ends.
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.Master.Read(make([]byte, 1))
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
 	p.Unplug()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Unplug did not end a pending read of the master")
+	}
 	port.SetReadTimeout(2 * time.Second)
 	if _, err := port.Read(buf); err == nil {
 		t.Fatal("read after unplug succeeded")

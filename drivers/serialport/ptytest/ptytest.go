@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
 	"golang.org/x/term"
 )
 
@@ -32,6 +33,17 @@ func New(t testing.TB) *PTY {
 	if _, err := term.MakeRaw(int(s.Fd())); err != nil {
 		t.Fatalf("ptytest: raw mode: %v", err)
 	}
+	// A non-blocking master goes through Go's poller: deadlines work, and
+	// Close (Unplug) ends a read that another goroutine has pending.
+	fd, err := unix.Dup(int(m.Fd()))
+	if err == nil {
+		err = unix.SetNonblock(fd, true)
+	}
+	if err != nil {
+		t.Fatalf("ptytest: %v", err)
+	}
+	m.Close()
+	m = os.NewFile(uintptr(fd), "/dev/ptmx")
 	p := &PTY{Master: m, Path: s.Name(), slave: s}
 	t.Cleanup(p.Close)
 	return p
