@@ -113,7 +113,7 @@ func (f *FakeArduino) run() {
 	var msg [3]byte
 	k, need := 0, 0
 	for {
-		n, err := f.pty.Master.Read(buf[:])
+		n, err := f.pty.Read(buf[:])
 		if err != nil {
 			return
 		}

@@ -62,6 +62,9 @@ type Options struct {
 	// (0) is 0 for the Cyton and 1 for the Daisy, so that pairs start with
 	// channels 1–8.
 	FirstCounter int
+	// Counts, if set, gives the ADC count of channel ch in sample k instead
+	// of SampleCounts (e.g. a signal with threshold crossings).
+	Counts func(k, ch int) int32
 	// NoiseBeforeBanner sends these bytes before the reply to v (packets
 	// still in flight from an earlier session).
 	NoiseBeforeBanner []byte
@@ -349,7 +352,7 @@ func (f *FakeCyton) streamLoop() {
 				out = append(out, g...)
 			}
 			if !f.drop[k] {
-				out = AppendPacket(out, k, f.opt.Daisy, f.opt.FirstCounter)
+				out = appendPacket(out, k, f.opt.Daisy, f.opt.FirstCounter, f.opt.Counts)
 				f.sent++
 			}
 			f.next++
@@ -382,13 +385,20 @@ func counter(k int, daisy bool, first int) byte {
 // packet k carries sample k; with the Daisy, packet 2j carries channels
 // 1–8 and packet 2j+1 channels 9–16 of sample j.
 func AppendPacket(dst []byte, k int, daisy bool, firstCounter int) []byte {
+	return appendPacket(dst, k, daisy, firstCounter, nil)
+}
+
+func appendPacket(dst []byte, k int, daisy bool, firstCounter int, counts func(k, ch int) int32) []byte {
+	if counts == nil {
+		counts = SampleCounts
+	}
 	sample, base := k, 0
 	if daisy {
 		sample, base = k/2, 8*(k%2)
 	}
 	dst = append(dst, 0xA0, counter(k, daisy, firstCounter))
 	for c := 0; c < 8; c++ {
-		v := uint32(SampleCounts(sample, base+c))
+		v := uint32(counts(sample, base+c))
 		dst = append(dst, byte(v>>16), byte(v>>8), byte(v))
 	}
 	var acc [3]int16

@@ -77,6 +77,9 @@ func Start(t testing.TB, opts Options) *FakePulsePal {
 	}
 	p := ptytest.New(t)
 	f := &FakePulsePal{Path: p.Path, pty: p, opts: opts, done: make(chan struct{})}
+	// The driver (possibly an ephysd child process) must be the only one
+	// holding the port, or it would be reported busy.
+	p.ReleaseSlave()
 	go f.run()
 	t.Cleanup(func() {
 		p.Close()
@@ -180,7 +183,7 @@ type reader struct {
 
 func (r *reader) byte() (byte, error) {
 	for len(r.r) == 0 {
-		n, err := r.f.Master.Read(r.buf[:])
+		n, err := r.f.Read(r.buf[:])
 		if err != nil {
 			return 0, err
 		}

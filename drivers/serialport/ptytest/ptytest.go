@@ -4,7 +4,10 @@
 package ptytest
 
 import (
+	"errors"
 	"os"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +22,7 @@ type PTY struct {
 	Master *os.File
 	Path   string
 	slave  *os.File
+	closed atomic.Bool
 }
 
 // New opens a pseudo-terminal in raw mode. The slave stays open (so the
@@ -60,12 +64,30 @@ func (p *PTY) ReleaseSlave() {
 
 // Unplug closes the master: the driver's reads fail as when a USB device
 // is pulled out.
-func (p *PTY) Unplug() { p.Master.Close() }
+func (p *PTY) Unplug() {
+	p.closed.Store(true)
+	p.Master.Close()
+}
 
 // Close closes both ends.
 func (p *PTY) Close() {
 	p.ReleaseSlave()
-	p.Master.Close()
+	p.Unplug()
+}
+
+// Read reads what the driver wrote, like Master.Read, but while nobody has
+// the slave open (before the driver opens it, between a driver's close and
+// its reopening) it waits instead of failing with EIO. It fails once the
+// master is closed.
+func (p *PTY) Read(b []byte) (int, error) {
+	for {
+		n, err := p.Master.Read(b)
+		if err != nil && errors.Is(err, syscall.EIO) && !p.closed.Load() {
+			time.Sleep(2 * time.Millisecond)
+			continue
+		}
+		return n, err
+	}
 }
 
 // ReadFull reads exactly n bytes from the master (what the driver sent), or
