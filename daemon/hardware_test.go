@@ -74,7 +74,7 @@ ev = rec + "/events/Simulated_Headstage-100.sim/TTL/"
 st = np.load(ev + "states.npy"); sn = np.load(ev + "sample_numbers.npy")
 r8 = sn[st == 9]; r10 = sn[st == 11]
 assert len(r8) == 1 and len(r10) == 1 and r8[0] == r10[0], (r8, r10)
-assert 3000 < r8[0] < 9000, r8   # ~150 ms at 30 kHz, within a block and a poll
+assert r8[0] > 3000, r8   # toggled ≥ 150 ms after the start: never before ~4500 samples
 assert not (st == 10).any(), "pin 1 stayed low"
 print(r8[0])
 `, c.Session.Dir())

@@ -232,10 +232,10 @@ func TestRunnerOverrunLeavesGapNotFill(t *testing.T) {
 	defer p.Close(false)
 	src := &counter{blocks: 60, pace: 100 * time.Microsecond}
 	r, s := run(t, RunnerConfig{Source: src, Pool: p, QueueDepth: 2,
-		Stages: []Stage{slowStage{2 * time.Millisecond}}})
+		Stages: []Stage{slowStage{5 * time.Millisecond}}})
 	st := r.Stats()
 	if st.OverrunBlocks == 0 {
-		t.Fatalf("a stage 20× slower than the source caused no overrun: %+v", st)
+		t.Fatalf("a stage 50× slower than the source caused no overrun: %+v", st)
 	}
 	if st.Processed+st.OverrunBlocks != 60 || uint64(s.samples) != st.Samples-st.OverrunSamples {
 		t.Fatalf("blocks not accounted for: %+v consumed %d", st, s.samples)

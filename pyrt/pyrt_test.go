@@ -89,7 +89,11 @@ func newID() int {
 
 func newStage(t *testing.T, path string, channels int) *Stage {
 	t.Helper()
-	s, err := testRT.NewStage(StageConfig{ID: newID(), Path: path, Channels: channels, SampleRate: 30000})
+	id := newID()
+	// A name of its own per stage, so that log checks see only this
+	// stage's lines even when the test runs several times (-count).
+	name := fmt.Sprintf("%s#%d", strings.TrimSuffix(filepath.Base(path), ".py"), id)
+	s, err := testRT.NewStage(StageConfig{ID: id, Name: name, Path: path, Channels: channels, SampleRate: 30000})
 	if err != nil {
 		t.Fatalf("NewStage: %v", err)
 	}
