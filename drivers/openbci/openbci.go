@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"strconv"
 	"strings"
 	"sync"
@@ -14,6 +13,7 @@ import (
 	"go.bug.st/serial"
 	"go.uber.org/zap"
 
+	"github.com/ephysd/ephysd/drivers"
 	"github.com/ephysd/ephysd/drivers/serialport"
 	"github.com/ephysd/ephysd/pipeline"
 )
@@ -61,19 +61,12 @@ type Source struct {
 	packetFn func(*Packet)
 	sampleFn func(int64, []float32)
 
-	mu       sync.Mutex // guards everything below, the parser and the decoder
-	nv       int        // values per sample
-	ring     []float32
-	ringSN   []int64
-	head     int // oldest sample
-	count    int
-	overflow uint64
-	err      error
+	// queue hands samples from the reader to ReadBlock; its lock also
+	// guards the parser and the decoder.
+	queue *drivers.SampleQueue
+	nv    int // values per sample
 
-	notify     chan struct{}
-	stopCh     chan struct{}
 	stopOnce   sync.Once
-	stopped    atomic.Bool
 	closing    atomic.Bool
 	started    bool
 	readerDone chan struct{}
@@ -98,13 +91,10 @@ func New(cfg Config) (*Source, error) {
 		latency: lat,
 		log:     zap.NewNop(),
 		timeout: time.Duration(cfg.TimeoutMS) * time.Millisecond,
-		notify:  make(chan struct{}, 1),
-		stopCh:  make(chan struct{}),
 	}
 	s.dec = NewDecoder(cfg.Daisy, cfg.Accelerometer, s.gains)
 	s.nv = s.dec.Channels()
-	s.ring = make([]float32, ringSlots*s.nv)
-	s.ringSN = make([]int64, ringSlots)
+	s.queue = drivers.NewSampleQueue(s.nv, ringSlots)
 	s.packetFn = s.onPacket
 	s.sampleFn = s.onSample
 	s.info = s.makeInfo()
@@ -159,13 +149,13 @@ func (s *Source) Info() pipeline.StreamInfo { return s.info }
 
 // Stats returns a snapshot of the counters.
 func (s *Source) Stats() Stats {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.queue.Lock()
+	defer s.queue.Unlock()
 	return s.statsLocked()
 }
 
 func (s *Source) statsLocked() Stats {
-	return Stats{DecoderStats: s.dec.Stats, DiscardedBytes: s.parser.Discarded, OverflowSamples: s.overflow}
+	return Stats{DecoderStats: s.dec.Stats, DiscardedBytes: s.parser.Discarded, OverflowSamples: s.queue.Overflow()}
 }
 
 // Start runs the start-up handshake — soft reset (v), default channel
@@ -321,46 +311,27 @@ func (s *Source) reader() {
 	buf := make([]byte, 4096)
 	for {
 		n, err := s.port.Read(buf)
-		if n > 0 && !s.stopped.Load() {
-			s.mu.Lock()
+		if n > 0 && !s.queue.Stopped() {
+			s.queue.Lock()
 			s.parser.Feed(buf[:n], s.packetFn)
 			st := s.statsLocked()
-			s.mu.Unlock()
-			s.wake()
+			s.queue.Unlock()
+			s.queue.Wake()
 			s.logLosses(st)
 		}
 		if err != nil {
 			if s.closing.Load() {
 				return
 			}
-			s.mu.Lock()
-			s.err = fmt.Errorf("openbci %s: device disconnected: %v — check the dongle's USB connection; ephysd reopens the device when it is back", s.cfg.Path, err)
-			s.mu.Unlock()
-			s.wake()
+			s.queue.Fail(fmt.Errorf("openbci %s: device disconnected: %v — check the dongle's USB connection; ephysd reopens the device when it is back", s.cfg.Path, err))
 			return
 		}
 	}
 }
 
-func (s *Source) wake() {
-	select {
-	case s.notify <- struct{}{}:
-	default:
-	}
-}
-
 func (s *Source) onPacket(p *Packet) { s.dec.Add(p, s.sampleFn) }
 
-func (s *Source) onSample(sn int64, v []float32) {
-	if s.count == ringSlots {
-		s.overflow++
-		return
-	}
-	slot := (s.head + s.count) % ringSlots
-	copy(s.ring[slot*s.nv:(slot+1)*s.nv], v)
-	s.ringSN[slot] = sn
-	s.count++
-}
+func (s *Source) onSample(sn int64, v []float32) { s.queue.Push(sn, v, 0) }
 
 // logLosses logs new lost packets and discarded bytes, rate-limited.
 func (s *Source) logLosses(st Stats) {
@@ -396,58 +367,14 @@ func (s *Source) ReadBlock(b *pipeline.Block) error {
 	if !s.started {
 		return errors.New("openbci: ReadBlock before Start")
 	}
-	for {
-		if s.stopped.Load() {
-			return io.EOF
-		}
-		s.mu.Lock()
-		if s.count > 0 {
-			s.fill(b)
-			s.mu.Unlock()
-			return nil
-		}
-		err := s.err
-		s.mu.Unlock()
-		if err != nil {
-			return err
-		}
-		select {
-		case <-s.notify:
-		case <-s.stopCh:
-			return io.EOF
-		}
-	}
-}
-
-// fill copies samples from the ring into b (s.mu held, s.count > 0).
-func (s *Source) fill(b *pipeline.Block) {
-	capN := b.Cap()
-	b.Samples = capN
-	first := s.ringSN[s.head]
-	b.FirstSample = first
-	n := 0
-	for n < capN && s.count > 0 && s.ringSN[s.head] == first+int64(n) {
-		row := s.ring[s.head*s.nv : (s.head+1)*s.nv]
-		for c, v := range row {
-			b.Data[c*capN+n] = v
-		}
-		b.Digital[n] = 0
-		n++
-		s.head++
-		if s.head == ringSlots {
-			s.head = 0
-		}
-		s.count--
-	}
-	b.Truncate(n)
+	return s.queue.ReadBlock(b)
 }
 
 // Stop makes a pending ReadBlock, and every later one, return io.EOF, and
 // tells the board to stop streaming (s).
 func (s *Source) Stop() error {
 	s.stopOnce.Do(func() {
-		s.stopped.Store(true)
-		close(s.stopCh)
+		s.queue.Stop()
 		if s.started {
 			_, _ = s.port.Write([]byte("s"))
 		}

@@ -200,10 +200,10 @@ func BenchmarkCytonParserResync(b *testing.B) {
 
 // pushBytes feeds the source's parser as its reader goroutine does.
 func pushBytes(s *Source, data []byte) {
-	s.mu.Lock()
+	s.queue.Lock()
 	s.parser.Feed(data, s.packetFn)
-	s.mu.Unlock()
-	s.wake()
+	s.queue.Unlock()
+	s.queue.Wake()
 }
 
 func newUnstarted(t testing.TB, daisy bool) *Source {

@@ -145,10 +145,10 @@ func BenchmarkSpikerBoxParser(b *testing.B) {
 }
 
 func pushBytes(s *Source, data []byte) {
-	s.mu.Lock()
+	s.queue.Lock()
 	s.parser.Feed(data, s.frameFn, s.msgFn)
-	s.mu.Unlock()
-	s.wake()
+	s.queue.Unlock()
+	s.queue.Wake()
 }
 
 func newUnstarted(t testing.TB) *Source {

@@ -3,7 +3,6 @@ package spikerbox
 import (
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"math/bits"
 	"strconv"
@@ -14,6 +13,7 @@ import (
 	"go.bug.st/serial"
 	"go.uber.org/zap"
 
+	"github.com/ephysd/ephysd/drivers"
 	"github.com/ephysd/ephysd/drivers/serialport"
 	"github.com/ephysd/ephysd/pipeline"
 )
@@ -57,18 +57,13 @@ type Source struct {
 	frameFn func(*Frame)
 	msgFn   func(key, value []byte)
 
-	mu       sync.Mutex // guards everything below and the parser
-	parser   *Parser
-	nch      int
-	slots    int
-	ring     []float32
-	ringDig  []uint64
-	head     int
-	count    int
-	next     int64 // sample number of the next frame
-	ringSN   []int64
-	overflow uint64
-	err      error
+	// queue hands samples from the reader to ReadBlock; its lock also
+	// guards everything below and the parser.
+	queue  *drivers.SampleQueue
+	parser *Parser
+	nch    int
+	row    []float32 // one scaled frame
+	next   int64     // sample number of the next frame
 	// event pulses
 	word    uint64
 	remain  [64]int32
@@ -76,10 +71,7 @@ type Source struct {
 	events  uint64
 	unknown uint64
 
-	notify     chan struct{}
-	stopCh     chan struct{}
 	stopOnce   sync.Once
-	stopped    atomic.Bool
 	closing    atomic.Bool
 	started    bool
 	readerDone chan struct{}
@@ -107,13 +99,9 @@ func New(cfg Config) (*Source, error) {
 		pulse:   int32(max(1, math.Round(cfg.EventPulseMS*cfg.Rate/1000))),
 		parser:  NewParser(cfg.Channels, cfg.Bits),
 		nch:     cfg.Channels,
-		slots:   int(math.Ceil(cfg.Rate * ringSeconds)),
-		notify:  make(chan struct{}, 1),
-		stopCh:  make(chan struct{}),
+		queue:   drivers.NewSampleQueue(cfg.Channels, int(math.Ceil(cfg.Rate*ringSeconds))),
+		row:     make([]float32, cfg.Channels),
 	}
-	s.ring = make([]float32, s.slots*s.nch)
-	s.ringDig = make([]uint64, s.slots)
-	s.ringSN = make([]int64, s.slots)
 	s.frameFn = s.onFrame
 	s.msgFn = s.onMessage
 	s.info = pipeline.StreamInfo{
@@ -148,15 +136,15 @@ func (s *Source) Info() pipeline.StreamInfo { return s.info }
 
 // Stats returns a snapshot of the counters.
 func (s *Source) Stats() Stats {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.queue.Lock()
+	defer s.queue.Unlock()
 	return s.statsLocked()
 }
 
 func (s *Source) statsLocked() Stats {
 	p := s.parser
 	return Stats{Frames: p.Frames, DiscardedBytes: p.Discarded, BrokenFrames: p.BrokenFrames, Messages: p.Messages,
-		Abandoned: p.Abandoned, Events: s.events, UnknownEvents: s.unknown, OverflowSamples: s.overflow}
+		Abandoned: p.Abandoned, Events: s.events, UnknownEvents: s.unknown, OverflowSamples: s.queue.Overflow()}
 }
 
 // StartCommands are the bytes Start sends for a channel count: ask for the
@@ -198,12 +186,12 @@ func (s *Source) reader() {
 	buf := make([]byte, 4096)
 	for {
 		n, err := s.port.Read(buf)
-		if n > 0 && !s.stopped.Load() {
-			s.mu.Lock()
+		if n > 0 && !s.queue.Stopped() {
+			s.queue.Lock()
 			s.parser.Feed(buf[:n], s.frameFn, s.msgFn)
 			discarded := s.parser.Discarded
-			s.mu.Unlock()
-			s.wake()
+			s.queue.Unlock()
+			s.queue.Wake()
 			if discarded != s.reportedDiscarded {
 				if ok, more := s.discardLog.Allow(time.Now()); ok {
 					s.log.Warn(fmt.Sprintf("%d bytes discarded while resynchronising (the samples they held are lost; how many cannot be known)", discarded-s.reportedDiscarded),
@@ -216,23 +204,13 @@ func (s *Source) reader() {
 			if s.closing.Load() {
 				return
 			}
-			s.mu.Lock()
-			s.err = fmt.Errorf("spikerbox %s: device disconnected: %v — check the USB cable; ephysd reopens the device when it is back", s.cfg.Path, err)
-			s.mu.Unlock()
-			s.wake()
+			s.queue.Fail(fmt.Errorf("spikerbox %s: device disconnected: %v — check the USB cable; ephysd reopens the device when it is back", s.cfg.Path, err))
 			return
 		}
 	}
 }
 
-func (s *Source) wake() {
-	select {
-	case s.notify <- struct{}{}:
-	default:
-	}
-}
-
-// onMessage logs what the box says (s.mu held).
+// onMessage logs what the box says (queue locked).
 func (s *Source) onMessage(key, value []byte) {
 	if string(key) == "EVNT" {
 		if n, ok := eventNumber(value); ok && n < EventLines {
@@ -248,23 +226,15 @@ func (s *Source) onMessage(key, value []byte) {
 	s.log.Info("device message", zap.ByteString("key", key), zap.ByteString("value", value))
 }
 
-// onFrame scales a frame, makes its digital word and queues it (s.mu held).
+// onFrame scales a frame, makes its digital word and queues it (queue locked).
 func (s *Source) onFrame(f *Frame) {
 	w := s.digital(f.Events & (1<<EventLines - 1))
 	sn := s.next
 	s.next++
-	if s.count == s.slots {
-		s.overflow++
-		return
-	}
-	slot := (s.head + s.count) % s.slots
-	row := s.ring[slot*s.nch : (slot+1)*s.nch]
 	for c, v := range f.Values {
-		row[c] = (float32(v) - s.centre) * s.scale
+		s.row[c] = (float32(v) - s.centre) * s.scale
 	}
-	s.ringDig[slot] = w
-	s.ringSN[slot] = sn
-	s.count++
+	s.queue.Push(sn, s.row, w)
 }
 
 // digital returns the input word of the next sample given the lines whose
@@ -304,57 +274,14 @@ func (s *Source) ReadBlock(b *pipeline.Block) error {
 	if !s.started {
 		return errors.New("spikerbox: ReadBlock before Start")
 	}
-	for {
-		if s.stopped.Load() {
-			return io.EOF
-		}
-		s.mu.Lock()
-		if s.count > 0 {
-			s.fill(b)
-			s.mu.Unlock()
-			return nil
-		}
-		err := s.err
-		s.mu.Unlock()
-		if err != nil {
-			return err
-		}
-		select {
-		case <-s.notify:
-		case <-s.stopCh:
-			return io.EOF
-		}
-	}
-}
-
-// fill copies samples from the ring into b (s.mu held, s.count > 0).
-func (s *Source) fill(b *pipeline.Block) {
-	capN := b.Cap()
-	b.Samples = capN
-	first := s.ringSN[s.head]
-	b.FirstSample = first
-	n := 0
-	for n < capN && s.count > 0 && s.ringSN[s.head] == first+int64(n) {
-		row := s.ring[s.head*s.nch : (s.head+1)*s.nch]
-		for c, v := range row {
-			b.Data[c*capN+n] = v
-		}
-		b.Digital[n] = s.ringDig[s.head]
-		n++
-		s.count--
-		if s.head++; s.head == s.slots {
-			s.head = 0
-		}
-	}
-	b.Truncate(n)
+	return s.queue.ReadBlock(b)
 }
 
 // Stop makes a pending ReadBlock, and every later one, return io.EOF, and
 // tells the box to stop streaming (h:;).
 func (s *Source) Stop() error {
 	s.stopOnce.Do(func() {
-		s.stopped.Store(true)
-		close(s.stopCh)
+		s.queue.Stop()
 		if s.started {
 			_, _ = s.port.Write([]byte(StopCommand))
 		}
