@@ -47,10 +47,24 @@ type Chain struct {
 	recording bool
 }
 
+// ChainOptions let a long-running service keep its Python stages and its
+// recording session (folder naming, experiment numbers) across
+// acquisitions. The zero value makes a self-contained chain.
+type ChainOptions struct {
+	Session *recording.Session
+	// Stages returns the Python stages for a stream (nil: LoadStages).
+	Stages func(info pipeline.StreamInfo) (*pyrt.Runtime, []*pyrt.Stage, error)
+}
+
 // NewChain opens the source, loads the Python stages and prepares the
 // recorder. A stage whose module fails to import is logged and passes data
 // through (it can be fixed and reloaded); every other problem is an error.
-func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
+func NewChain(cfg *Config, log *zap.Logger) (*Chain, error) {
+	return NewChainWith(cfg, log, ChainOptions{})
+}
+
+// NewChainWith is NewChain with a session and stages that outlive it.
+func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, err error) {
 	c := &Chain{Config: cfg, Log: log}
 	defer func() {
 		if err != nil {
@@ -124,34 +138,22 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 	var stages []pipeline.Stage
 	var eventChannels []recording.EventChannel
 	if len(cfg.Stages) > 0 {
-		c.Python, err = pyrt.Start(pyrt.Config{
-			Executable: cfg.Python.Executable, Venv: cfg.Python.Venv,
-			SwitchInterval: time.Duration(cfg.Python.SwitchIntervalUS * float64(time.Microsecond)),
-			BlockTimeout:   blockTimeout(cfg.Python.BlockTimeoutMS),
-			Log:            log,
-		})
+		load := opts.Stages
+		if load == nil {
+			load = func(info pipeline.StreamInfo) (*pyrt.Runtime, []*pyrt.Stage, error) { return LoadStages(cfg, info, nil, log) }
+		}
+		c.Python, c.Stages, err = load(c.Info)
 		if err != nil {
 			return nil, err
 		}
 		c.Python.RegisterEventChannel(c.Info.ProcessorID, ttlChannelName(c.Info))
-		for i, sc := range cfg.Stages {
-			id := firstStageID + i
-			if id == c.Info.ProcessorID {
-				return nil, fmt.Errorf("stage %d: processor id %d is the source's", i+1, id)
+		for _, st := range c.Stages {
+			if st.ID() == c.Info.ProcessorID {
+				return nil, fmt.Errorf("stage %s: processor id %d is the source's", st.Name(), st.ID())
 			}
-			st, err := c.Python.NewStage(pyrt.StageConfig{
-				ID: id, Name: sc.Name, Path: sc.Module, Channels: len(c.Info.Channels),
-				SampleRate: c.Info.SampleRate, OnError: pyrt.OnError(sc.OnError),
-			})
-			if st == nil {
-				return nil, err
-			}
-			// A module that failed to load was logged with its traceback;
-			// the stage passes data through until reloaded.
-			c.Stages = append(c.Stages, st)
 			stages = append(stages, st)
 			eventChannels = append(eventChannels, recording.EventChannel{
-				ProcessorID: id, ProcessorName: PythonProcessorName, ChannelName: "Python Processor Output",
+				ProcessorID: st.ID(), ProcessorName: PythonProcessorName, ChannelName: "Python Processor Output",
 			})
 		}
 	}
@@ -176,7 +178,10 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 	if nodeID == 0 {
 		nodeID = firstStageID + len(cfg.Stages)
 	}
-	c.Session = recording.NewSession(cfg.Recording.ParentDirectory, nodeID, nil)
+	c.Session = opts.Session
+	if c.Session == nil {
+		c.Session = recording.NewSession(cfg.Recording.ParentDirectory, nodeID, nil)
+	}
 	c.Recorder, err = recording.NewRecorder(recording.Config{
 		Stream: c.Info, RecordNodeID: nodeID, RecordRaw: cfg.Recording.RecordRaw,
 		EventChannels: eventChannels, Log: log,
@@ -198,6 +203,50 @@ func NewChain(cfg *Config, log *zap.Logger) (_ *Chain, err error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// StartPython starts (or returns) the embedded interpreter chosen by cfg.
+func StartPython(cfg *Config, log *zap.Logger) (*pyrt.Runtime, error) {
+	return pyrt.Start(pyrt.Config{
+		Executable: cfg.Python.Executable, Venv: cfg.Python.Venv,
+		SwitchInterval: time.Duration(cfg.Python.SwitchIntervalUS * float64(time.Microsecond)),
+		BlockTimeout:   blockTimeout(cfg.Python.BlockTimeoutMS),
+		Log:            log,
+	})
+}
+
+// LoadStages makes the Python stages of cfg for a stream. Stages given in
+// keep (from an earlier acquisition) are reused when they have the same
+// module and the stream the same shape, and re-initialised (__init__ with
+// the new channel count and rate) when only the shape changed, as Open
+// Ephys does. A module that fails to import leaves its stage passing data
+// through; a missing file is an error.
+func LoadStages(cfg *Config, info pipeline.StreamInfo, keep []*pyrt.Stage, log *zap.Logger) (*pyrt.Runtime, []*pyrt.Stage, error) {
+	rt, err := StartPython(cfg, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	var out []*pyrt.Stage
+	for i, sc := range cfg.Stages {
+		id := firstStageID + i
+		want := pyrt.StageConfig{
+			ID: id, Name: sc.Name, Path: sc.Module, Channels: len(info.Channels),
+			SampleRate: info.SampleRate, OnError: pyrt.OnError(sc.OnError),
+		}
+		if i < len(keep) && keep[i].SameModule(want) {
+			if err := keep[i].Reshape(want.Channels, want.SampleRate); err != nil {
+				log.Warn("python stage could not be re-initialised for the new stream", zap.String("stage", keep[i].Name()), zap.Error(err))
+			}
+			out = append(out, keep[i])
+			continue
+		}
+		st, err := rt.NewStage(want)
+		if st == nil {
+			return nil, nil, err
+		}
+		out = append(out, st)
+	}
+	return rt, out, nil
 }
 
 // loggerSetter is implemented by drivers (configurations or sources) that

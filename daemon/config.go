@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -26,6 +27,7 @@ type Config struct {
 	Outputs   []OutputConfig  `toml:"-"` // from [[output]]
 	Inputs    []InputConfig   `toml:"-"` // from [[input]]
 	Recording RecordingConfig `toml:"recording"`
+	Control   ControlConfig   `toml:"control"`
 	Log       LogConfig       `toml:"log"`
 
 	// Driver is the chosen source driver's configuration (from
@@ -91,8 +93,34 @@ type StageConfig struct {
 type RecordingConfig struct {
 	ParentDirectory string `toml:"parent_directory"` // default ./recordings
 	RecordRaw       bool   `toml:"record_raw"`       // also record the pre-Python stream
-	RecordOnStart   *bool  `toml:"record_on_start"`  // ephysd run records from the start (default true)
+	RecordOnStart   *bool  `toml:"record_on_start"`  // true: same as control.start_mode = "record" (older configs)
 	RecordNodeID    int    `toml:"record_node_id"`   // default: after the stages' ids
+}
+
+// ControlConfig is the [control] table: the state ephysd starts in and how
+// it is controlled.
+type ControlConfig struct {
+	// StartMode is the state `ephysd run` enters once ready: "idle"
+	// (default), "acquire" or "record".
+	StartMode string `toml:"start_mode"`
+	// HTTP is the address of the Open Ephys-compatible HTTP API (default
+	// 127.0.0.1:37497); "" turns it off. An address beyond loopback needs
+	// AllowRemote and a token.
+	HTTP string `toml:"http"`
+	// AllowRemote permits a non-loopback HTTP address.
+	AllowRemote bool `toml:"allow_remote"`
+	// TokenFile holds the bearer token clients must send (Authorization:
+	// Bearer …) — required with AllowRemote.
+	TokenFile string `toml:"token_file"`
+	// Socket is the unix socket of the CLI (default: $RUNTIME_DIRECTORY,
+	// else $XDG_RUNTIME_DIR/ephysd, else /tmp/ephysd-<uid>, + /control.sock).
+	Socket string `toml:"socket"`
+	// SocketGroup, if set, owns the socket (mode 0660); otherwise 0600.
+	SocketGroup string `toml:"socket_group"`
+	// ModuleDirs are the folders from which the API may load Python
+	// modules (loading a module is running code); default: the folders of
+	// the configured stages.
+	ModuleDirs []string `toml:"module_dirs"`
 }
 
 // LogConfig is the [log] table.
@@ -103,12 +131,12 @@ type LogConfig struct {
 
 // DefaultConfig is the configuration used for anything the file leaves out.
 func DefaultConfig() Config {
-	t := true
 	return Config{
 		Source:    SourceConfig{Driver: "sim"},
 		Pipeline:  PipelineConfig{BlockMS: 1, QueueMS: 1000},
 		Python:    PythonConfig{BlockTimeoutMS: 2000},
-		Recording: RecordingConfig{ParentDirectory: "recordings", RecordOnStart: &t},
+		Recording: RecordingConfig{ParentDirectory: "recordings"},
+		Control:   ControlConfig{HTTP: "127.0.0.1:37497"},
 		Log:       LogConfig{Level: "info", Format: "console"},
 	}
 }
@@ -197,6 +225,7 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 		{Name: "Log", Type: reflect.TypeOf(&cfg.Log), Tag: `toml:"log"`},
 		{Name: "Output", Type: outputsType, Tag: `toml:"output"`},
 		{Name: "Input", Type: inputsType, Tag: `toml:"input"`},
+		{Name: "Control", Type: reflect.TypeOf(&cfg.Control), Tag: `toml:"control"`},
 	})
 	doc := reflect.New(docType)
 	src := reflect.New(sourceType)
@@ -210,6 +239,7 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 	doc.Elem().Field(3).Set(reflect.ValueOf(&cfg.Stages))
 	doc.Elem().Field(4).Set(reflect.ValueOf(&cfg.Recording))
 	doc.Elem().Field(5).Set(reflect.ValueOf(&cfg.Log))
+	doc.Elem().FieldByName("Control").Set(reflect.ValueOf(&cfg.Control))
 
 	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
@@ -338,6 +368,23 @@ func (c *Config) check(data []byte) error {
 			return bad(fmt.Sprintf("stage[%d].on_error", i+1), fmt.Sprintf("%q: use \"continue\" or \"disable\"", s.OnError))
 		}
 	}
+	if c.Control.StartMode == "" {
+		c.Control.StartMode = "idle"
+		if c.Recording.RecordOnStart != nil && *c.Recording.RecordOnStart {
+			c.Control.StartMode = "record"
+		}
+	}
+	switch c.Control.StartMode {
+	case "idle", "acquire", "record":
+	default:
+		return bad("control.start_mode", fmt.Sprintf("%q: use idle, acquire or record", c.Control.StartMode))
+	}
+	if c.Control.HTTP != "" && !c.Control.AllowRemote && !loopbackAddr(c.Control.HTTP) {
+		return bad("control.http", fmt.Sprintf("%q is not a loopback address: set allow_remote = true and token_file to listen beyond this machine", c.Control.HTTP))
+	}
+	if c.Control.AllowRemote && c.Control.TokenFile == "" {
+		return bad("control.allow_remote", "needs token_file: clients beyond loopback must present a bearer token")
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -374,9 +421,39 @@ func (c *Config) resolvePaths() {
 		c.Python.Executable = abs(c.Python.Executable)
 	}
 	c.Python.Venv = abs(c.Python.Venv)
+	c.Control.TokenFile = abs(c.Control.TokenFile)
+	if c.Control.Socket != "" {
+		c.Control.Socket = abs(c.Control.Socket)
+	}
+	for i, d := range c.Control.ModuleDirs {
+		c.Control.ModuleDirs[i] = abs(d)
+	}
+	if len(c.Control.ModuleDirs) == 0 {
+		seen := map[string]bool{}
+		for _, s := range c.Stages {
+			d := filepath.Dir(s.Module)
+			if !seen[d] {
+				seen[d] = true
+				c.Control.ModuleDirs = append(c.Control.ModuleDirs, d)
+			}
+		}
+	}
 	if r, ok := c.Driver.(interface{ ResolvePaths(base string) }); ok {
 		r.ResolvePaths(base)
 	}
+}
+
+// loopbackAddr reports whether a host:port listens on loopback only.
+func loopbackAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // tomlError turns a go-toml error into a ConfigError with line and key.

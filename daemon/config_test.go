@@ -30,7 +30,8 @@ on_error = "disable"
 	if cfg.Stages[0].Module != "/etc/ephysd/filters/bp.py" || cfg.Stages[1].Module != "/abs/closed_loop.py" {
 		t.Fatalf("module paths %+v", cfg.Stages)
 	}
-	if cfg.Recording.ParentDirectory != "/etc/ephysd/recordings" || cfg.Pipeline.BlockMS != 1 || !*cfg.Recording.RecordOnStart {
+	if cfg.Recording.ParentDirectory != "/etc/ephysd/recordings" || cfg.Pipeline.BlockMS != 1 || cfg.Control.StartMode != "idle" ||
+		cfg.Control.HTTP != "127.0.0.1:37497" || len(cfg.Control.ModuleDirs) != 2 {
 		t.Fatalf("defaults %+v", cfg)
 	}
 }
@@ -52,6 +53,9 @@ func TestConfigErrorsNameKeyLineAndForm(t *testing.T) {
 		{"both pythons", "[python]\nexecutable = \"/usr/bin/python3\"\nvenv = \"/opt/venv\"\n", []string{"python.venv", "not both"}},
 		{"syntax", "[source\n", []string{"x.toml:1"}},
 		{"bad log level", "[log]\nlevel = \"loud\"\n", []string{"x.toml:2", "log.level"}},
+		{"remote without opt-in", "[control]\nhttp = \"0.0.0.0:37497\"\n", []string{"x.toml:2", "control.http", "allow_remote"}},
+		{"remote without token", "[control]\nhttp = \"0.0.0.0:37497\"\nallow_remote = true\n", []string{"control.allow_remote", "token_file"}},
+		{"bad start mode", "[control]\nstart_mode = \"go\"\n", []string{"control.start_mode"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

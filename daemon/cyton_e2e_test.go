@@ -88,6 +88,9 @@ mode = "trigger"
 
 [recording]
 parent_directory = "recs"
+[control]
+start_mode = "record"
+http = ""
 `, cyton.Path(), mustAbs(t, "../examples/threshold_ttl.py"), pp.Path)), 0o644)
 	cmd := exec.Command(bin, "run", "--config", cfgPath, "--duration", "2s")
 	var stdout, stderr bytes.Buffer

@@ -315,6 +315,9 @@ module = %q
 module = %q
 [recording]
 parent_directory = "recs"
+[control]
+start_mode = "record"
+http = ""
 `, mustAbs(t, "../examples/bandpass_filter.py"), mustAbs(t, "../examples/threshold_ttl.py"))), 0o644)
 	cmd := exec.Command(bin, "run", "--config", cfgPath)
 	var stdout bytes.Buffer

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"time"
 )
 
 // DefaultEventCapacity is the number of events a pooled block holds without
@@ -40,6 +41,10 @@ type Block struct {
 	// of this block made before any stage ran. It goes back to the pool with
 	// its owner.
 	Raw *Block
+
+	// ReadAt is when the source delivered the block (monotonic clock): the
+	// runner measures the closed-loop latency from it.
+	ReadAt time.Time
 
 	// Recording is the recording this block belongs to, or nil when the
 	// block is not recorded. Transitions between blocks mark recording

@@ -80,6 +80,8 @@ type Runner struct {
 	stageErrors                   []atomic.Uint64
 	stageTimes                    []Histogram
 	loopTime                      Histogram
+	latency                       Histogram    // source read → event sinks done
+	lastBlock                     atomic.Int64 // unix ns when a block last reached the consumers
 	overrunLog, gapLog            LogLimiter
 	stageErrLog                   []LogLimiter
 	consumerFailed                atomic.Bool
@@ -230,6 +232,25 @@ func (r *Runner) StageTime(i int) *Histogram { return &r.stageTimes[i] }
 // LoopTime is the histogram of the time all stages together took per block.
 func (r *Runner) LoopTime() *Histogram { return &r.loopTime }
 
+// Latency is the histogram of the time from the source delivering a block
+// to its events having reached the event sinks (the closed-loop latency
+// inside ephysd).
+func (r *Runner) Latency() *Histogram { return &r.latency }
+
+// LastBlock is when a block last reached the consumers (the pipeline's
+// heartbeat); zero before the first.
+func (r *Runner) LastBlock() time.Time {
+	ns := r.lastBlock.Load()
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
+}
+
+// QueueDepths returns how many blocks wait before the stages and before
+// the consumers.
+func (r *Runner) QueueDepths() (stages, consumers int) { return len(r.stageQ), len(r.consQ) }
+
 func (r *Runner) fail(err error) {
 	r.errMu.Lock()
 	if r.err == nil {
@@ -273,6 +294,7 @@ func (r *Runner) sourceLoop() {
 			r.fail(fmt.Errorf("source: block of %d channels × %d samples does not fit the pool's %d × 1..%d", b.Channels, b.Samples, r.cfg.Pool.channels, b.cap))
 			return
 		}
+		b.ReadAt = time.Now()
 		n := uint64(b.Samples)
 		r.blocks.Add(1)
 		r.samples.Add(n)
@@ -392,7 +414,9 @@ func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
 					r.log.Error("event sink failed", zap.Error(err))
 				}
 			}
-			r.loopTime.Record(time.Since(t0))
+			done := time.Now()
+			r.loopTime.Record(done.Sub(t0))
+			r.latency.Record(done.Sub(b.ReadAt))
 			r.processed.Add(1)
 			r.events.Add(uint64(len(b.Events)))
 			r.consQ <- b
@@ -434,6 +458,7 @@ func (r *Runner) consumeLoop() {
 				}
 			}
 		}
+		r.lastBlock.Store(time.Now().UnixNano())
 		b.Release()
 	}
 	for _, c := range r.cfg.Consumers {

@@ -519,3 +519,52 @@ func (s *Stage) emit(b *pipeline.Block) {
 	}
 	C.ephys_stage_events_reset(s.c)
 }
+
+// SameModule reports whether cfg describes this stage: same id, module
+// file, name and error policy (the stream's shape aside).
+func (s *Stage) SameModule(cfg StageConfig) bool {
+	abs, err := filepath.Abs(cfg.Path)
+	if err != nil {
+		return false
+	}
+	name := cfg.Name
+	if name == "" {
+		name = strings.TrimSuffix(filepath.Base(abs), ".py")
+	}
+	onErr := cfg.OnError
+	if onErr == "" {
+		onErr = OnErrorContinue
+	}
+	return cfg.ID == s.cfg.ID && abs == s.cfg.Path && name == s.name && onErr == s.cfg.OnError
+}
+
+// Reshape gives the stage a stream of another channel count or rate: like
+// Open Ephys, it makes a new instance (__init__ with the new values). Not
+// while a pipeline runs the stage.
+func (s *Stage) Reshape(channels int, rate float64) error {
+	if channels == s.cfg.Channels && rate == s.cfg.SampleRate {
+		return nil
+	}
+	s.cfg.Channels, s.cfg.SampleRate = channels, rate
+	return s.Reload()
+}
+
+// SetModule points the stage at another module file and loads it (the
+// control API's module parameter). On failure the previous module keeps
+// running.
+func (s *Stage) SetModule(path string) error {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return err
+	}
+	if fi, err := os.Stat(abs); err != nil || fi.IsDir() {
+		return fmt.Errorf("python module %s: no such file", abs)
+	}
+	old := s.cfg.Path
+	s.cfg.Path = abs
+	if err := s.Reload(); err != nil {
+		s.cfg.Path = old
+		return err
+	}
+	return nil
+}

@@ -31,6 +31,7 @@ type Session struct {
 	now    func() time.Time
 
 	mu            sync.Mutex
+	naming        Naming
 	dir           string // the dated folder; "" until the next record start makes one
 	experiment    int
 	number        int
@@ -49,6 +50,44 @@ func NewSession(parentDir string, recordNodeID int, now func() time.Time) *Sessi
 		now = time.Now
 	}
 	return &Session{parent: parentDir, nodeID: recordNodeID, now: now}
+}
+
+// Naming is how Open Ephys names a session folder: <Parent>/<Prepend><Base><Append>,
+// an empty Base meaning the date and time of the first record start
+// (YYYY-MM-DD_HH-MM-SS).
+type Naming struct {
+	Parent, Prepend, Base, Append string
+}
+
+// Naming returns the current naming.
+func (s *Session) Naming() Naming {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := s.naming
+	n.Parent = s.parent
+	return n
+}
+
+// SetNaming changes the parent folder and the name parts. A change takes
+// effect at the next record start, which then makes a new folder (a folder
+// in use is never renamed).
+func (s *Session) SetNaming(n Naming) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n.Parent == "" {
+		n.Parent = s.parent
+	}
+	old := s.naming
+	old.Parent = s.parent
+	if n == old {
+		return
+	}
+	s.parent = n.Parent
+	n.Parent = ""
+	s.naming = n
+	s.dir = ""
+	s.recordedInExp = false
+	s.newExperiment = false
 }
 
 // RecordNodeID is the record node id of the session's recordings.
@@ -70,7 +109,11 @@ func (s *Session) Next() (*pipeline.Recording, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.dir == "" {
-		dir, err := makeSessionDir(s.parent, s.now().Format(sessionDirLayout))
+		base := s.naming.Base
+		if base == "" {
+			base = s.now().Format(sessionDirLayout)
+		}
+		dir, err := makeSessionDir(s.parent, s.naming.Prepend+base+s.naming.Append)
 		if err != nil {
 			return nil, err
 		}

@@ -98,3 +98,32 @@ func TestSessionUnwritableParent(t *testing.T) {
 	}
 	t.Log(err)
 }
+
+func TestSessionNaming(t *testing.T) {
+	parent := t.TempDir()
+	at := time.Date(2026, 11, 21, 9, 30, 0, 0, time.UTC)
+	s := NewSession(parent, 0, func() time.Time { return at })
+	r1, err := s.Next()
+	if err != nil || filepath.Base(r1.Dir) != "2026-11-21_09-30-00" {
+		t.Fatalf("%v %v", r1, err)
+	}
+	other := filepath.Join(parent, "elsewhere")
+	s.SetNaming(Naming{Parent: other, Prepend: "mouse7_", Append: "_day3"})
+	r2, err := s.Next()
+	if err != nil || r2.Dir != filepath.Join(other, "mouse7_2026-11-21_09-30-00_day3") || r2.Experiment != 1 || r2.Number != 1 {
+		t.Fatalf("%+v %v", r2, err)
+	}
+	s.SetNaming(Naming{Prepend: "mouse7_", Base: "baseline", Append: "_day3"})
+	r3, _ := s.Next()
+	if r3.Dir != filepath.Join(other, "mouse7_baseline_day3") {
+		t.Fatalf("%+v", r3)
+	}
+	if n := s.Naming(); n.Parent != other || n.Base != "baseline" {
+		t.Fatalf("%+v", n)
+	}
+	// The same naming again keeps the folder.
+	s.SetNaming(s.Naming())
+	if r4, _ := s.Next(); r4.Dir != r3.Dir || r4.Number != 2 {
+		t.Fatalf("%+v", r4)
+	}
+}
