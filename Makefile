@@ -9,11 +9,12 @@ CONFIG  ?= examples/ephysd.toml
 
 # Debian 12 packages the build and the tests need: cgo and libpython for the
 # embedded interpreter, numpy/scipy for the example modules, neo to read
-# recordings back in the tests.
+# recordings back in the tests, systemd for systemd-analyze and
+# systemd-sysusers (the unit's tests; a CI container has no systemd).
 DEB_PACKAGES := gcc pkg-config libpython3-dev python3-numpy python3-scipy python3-neo \
-                libusb-1.0-0-dev umockdev
+                libusb-1.0-0-dev umockdev systemd
 
-.PHONY: all deps build run test bench soak install clean
+.PHONY: all deps build run test bench soak install uninstall clean
 
 all: build
 
@@ -51,14 +52,55 @@ bench: build
 soak: build
 	./$(BIN) process --source sim --channels 384 --realtime --module examples/bandpass_filter.py --out $${TMPDIR:-/tmp}/ephysd-soak --duration 10m
 
-# Installs the binary and the udev rules. The systemd unit comes with the
-# service work; this target says so rather than pretending.
+# Installs the service: the binary, the systemd unit, the service user
+# (sysusers.d), the serial drivers to load at boot (modules-load.d), the udev
+# rules, and the example configuration /etc/ephysd/ephysd.toml unless that
+# file exists. Honours DESTDIR (staging, packaging) and PREFIX (the binary;
+# the unit's ExecStart follows it). The unit goes to /etc/systemd/system: this
+# is a local install, and /lib/systemd/system belongs to dpkg. With DESTDIR
+# empty it also creates the user, reloads udev and systemd; it never enables
+# or starts the service (systemctl enable --now ephysd).
+UNITDIR     := /etc/systemd/system
+SYSUSERSDIR := /usr/lib/sysusers.d
+MODLOADDIR  := /usr/lib/modules-load.d
+UDEVDIR     := /etc/udev/rules.d
+
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/ephysd
-	install -D -m 0644 systemd/99-ephysd.rules $(DESTDIR)/etc/udev/rules.d/99-ephysd.rules
-	@if [ -z "$(DESTDIR)" ] && command -v udevadm >/dev/null 2>&1; then udevadm control --reload || true; fi
-	@echo "installed $(DESTDIR)$(PREFIX)/bin/ephysd and $(DESTDIR)/etc/udev/rules.d/99-ephysd.rules"
-	@echo "note: no systemd unit is installed yet (it comes with the service work)"
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/local/bin/ephysd|$(PREFIX)/bin/ephysd|g' systemd/ephysd.service >$(DESTDIR)$(UNITDIR)/ephysd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/ephysd.service
+	install -D -m 0644 systemd/ephysd.sysusers $(DESTDIR)$(SYSUSERSDIR)/ephysd.conf
+	install -D -m 0644 systemd/ephysd-modules.conf $(DESTDIR)$(MODLOADDIR)/ephysd.conf
+	install -D -m 0644 systemd/99-ephysd.rules $(DESTDIR)$(UDEVDIR)/99-ephysd.rules
+	@if [ -e $(DESTDIR)/etc/ephysd/ephysd.toml ]; then \
+	  echo "kept $(DESTDIR)/etc/ephysd/ephysd.toml (the example is systemd/ephysd.toml)"; \
+	else \
+	  install -D -m 0644 systemd/ephysd.toml $(DESTDIR)/etc/ephysd/ephysd.toml; \
+	fi
+	@if [ -z "$(DESTDIR)" ]; then \
+	  if command -v systemd-sysusers >/dev/null 2>&1; then systemd-sysusers $(SYSUSERSDIR)/ephysd.conf; \
+	  else echo "make: systemd-sysusers not found: create user ephysd (groups dialout, plugdev) yourself" >&2; fi; \
+	  modprobe -a usbserial ftdi_sio cdc_acm 2>/dev/null || true; \
+	  if command -v udevadm >/dev/null 2>&1; then udevadm control --reload || true; fi; \
+	  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+	fi
+	@echo "installed $(DESTDIR)$(PREFIX)/bin/ephysd, $(DESTDIR)$(UNITDIR)/ephysd.service, $(DESTDIR)$(SYSUSERSDIR)/ephysd.conf,"
+	@echo "  $(DESTDIR)$(MODLOADDIR)/ephysd.conf, $(DESTDIR)$(UDEVDIR)/99-ephysd.rules"
+	@echo "next: edit /etc/ephysd/ephysd.toml, replug USB devices (or udevadm trigger), systemctl enable --now ephysd"
+
+# Removes what install put in place, except /etc/ephysd (the configuration),
+# /var/lib/ephysd (the recordings) and the ephysd user (its files remain):
+# remove those by hand if you mean to.
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl disable --now ephysd.service 2>/dev/null || true; fi
+	rm -f $(DESTDIR)$(PREFIX)/bin/ephysd $(DESTDIR)$(UNITDIR)/ephysd.service \
+	      $(DESTDIR)$(SYSUSERSDIR)/ephysd.conf $(DESTDIR)$(MODLOADDIR)/ephysd.conf $(DESTDIR)$(UDEVDIR)/99-ephysd.rules
+	@if [ -z "$(DESTDIR)" ]; then \
+	  if command -v udevadm >/dev/null 2>&1; then udevadm control --reload || true; fi; \
+	  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+	fi
+	@echo "left in place: $(DESTDIR)/etc/ephysd (configuration), $(DESTDIR)/var/lib/ephysd (recordings) and user ephysd"
 
 clean:
 	rm -rf bin

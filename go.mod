@@ -13,6 +13,7 @@ require (
 )
 
 require (
+	github.com/coreos/go-systemd/v22 v22.5.0 // indirect
 	github.com/creack/goselect v0.1.2 // indirect
 	go.uber.org/multierr v1.10.0 // indirect
 )

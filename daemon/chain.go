@@ -140,7 +140,9 @@ func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, er
 	if len(cfg.Stages) > 0 {
 		load := opts.Stages
 		if load == nil {
-			load = func(info pipeline.StreamInfo) (*pyrt.Runtime, []*pyrt.Stage, error) { return LoadStages(cfg, info, nil, log) }
+			load = func(info pipeline.StreamInfo) (*pyrt.Runtime, []*pyrt.Stage, error) {
+				return LoadStages(cfg, info, nil, log)
+			}
 		}
 		c.Python, c.Stages, err = load(c.Info)
 		if err != nil {
