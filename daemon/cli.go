@@ -105,23 +105,71 @@ func Main(args []string, stdout, stderr io.Writer) int {
 
 type usageError struct{ error }
 
-// NewLogger makes the daemon's logger: console lines on stderr (which
-// systemd's journal keeps), or JSON.
+// NewLogger makes the daemon's logger on w (stderr). Format "auto" picks:
+// under systemd's journal, lines without a timestamp (the journal has one)
+// that start with the syslog priority (<3> error … <7> debug); on a
+// terminal, readable console lines; otherwise JSON. "console" and "json"
+// force a format.
 func NewLogger(level, format string, w io.Writer) (*zap.Logger, error) {
 	var lvl zapcore.Level
 	if err := lvl.UnmarshalText([]byte(level)); err != nil {
 		return nil, fmt.Errorf("log level %q: %w", level, err)
 	}
+	if format == "" || format == "auto" {
+		switch {
+		case underJournal(w):
+			format = "journal"
+		case isTerminal(w):
+			format = "console"
+		default:
+			format = "json"
+		}
+	}
 	ec := zap.NewProductionEncoderConfig()
 	ec.EncodeTime = zapcore.ISO8601TimeEncoder
 	var enc zapcore.Encoder
-	if format == "json" {
+	switch format {
+	case "json":
 		enc = zapcore.NewJSONEncoder(ec)
-	} else {
+	case "journal":
+		ec.TimeKey = ""
+		ec.EncodeLevel = journalPriority
+		enc = zapcore.NewConsoleEncoder(ec)
+	default:
 		ec.EncodeLevel = zapcore.CapitalLevelEncoder
 		enc = zapcore.NewConsoleEncoder(ec)
 	}
 	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), lvl)), nil
+}
+
+// journalPriority writes the syslog priority prefix systemd-journald reads
+// at the start of a line.
+func journalPriority(l zapcore.Level, enc zapcore.PrimitiveArrayEncoder) {
+	switch {
+	case l >= zapcore.ErrorLevel:
+		enc.AppendString("<3>")
+	case l == zapcore.WarnLevel:
+		enc.AppendString("<4>")
+	case l == zapcore.InfoLevel:
+		enc.AppendString("<6>")
+	default:
+		enc.AppendString("<7>")
+	}
+}
+
+// underJournal reports whether w is the stream systemd connected to the
+// journal ($JOURNAL_STREAM names its device and inode).
+func underJournal(w io.Writer) bool {
+	js := os.Getenv("JOURNAL_STREAM")
+	f, ok := w.(*os.File)
+	if js == "" || !ok {
+		return false
+	}
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		return false
+	}
+	return js == fmt.Sprintf("%d:%d", st.Dev, st.Ino)
 }
 
 // signalContext ends at the first SIGINT or SIGTERM, which starts a clean
@@ -151,82 +199,14 @@ func parseDuration(name, s string) (time.Duration, error) {
 	return d, nil
 }
 
-func runCommand(args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("ephysd run", flag.ContinueOnError)
+func flagSet(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	configPath := fs.String("config", "", "configuration file (TOML)")
-	durationFlag := fs.String("duration", "", "stop after this long (default: until SIGINT/SIGTERM)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if *configPath == "" {
-		return usageError{errors.New("run: --config FILE is required (try examples/ephysd.toml)")}
-	}
-	if fs.NArg() > 0 {
-		return usageError{fmt.Errorf("run: unexpected argument %q", fs.Arg(0))}
-	}
-	duration, err := parseDuration("duration", *durationFlag)
-	if err != nil {
-		return err
-	}
-	cfg, err := LoadConfig(*configPath)
-	if err != nil {
-		return err
-	}
-	log, err := NewLogger(cfg.Log.Level, cfg.Log.Format, stderr)
-	if err != nil {
-		return err
-	}
-	defer log.Sync()
-
-	ctx, cancel := signalContext()
-	defer cancel()
-
-	chain, err := NewChain(cfg, log)
-	if err != nil {
-		return err
-	}
-	if err := chain.Start(); err != nil {
-		chain.Stop()
-		return err
-	}
-	if cfg.Recording.RecordOnStart == nil || *cfg.Recording.RecordOnStart {
-		if _, err := chain.StartRecording(); err != nil {
-			chain.Stop()
-			return err
-		}
-	}
-	var timer <-chan time.Time
-	if duration > 0 {
-		timer = time.After(duration)
-	}
-	stopProgress := startProgress(chain, stderr)
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	reason := ""
-	for reason == "" {
-		select {
-		case <-ctx.Done():
-			reason = "signal"
-		case <-timer:
-			reason = "duration reached"
-		case <-chain.Runner.Done():
-			reason = "source ended"
-		case <-hup:
-			chain.ReloadStages()
-		}
-	}
-	stopProgress()
-	log.Info("stopping", zap.String("reason", reason))
-	runErr := chain.Stop()
-	printSummary(stdout, chain)
-	return runErr
+	return fs
 }
 
 func processCommand(args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("ephysd process", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := flagSet("ephysd process", stderr)
 	source := fs.String("source", "sim", "sim, or playback:DIR (an Open Ephys recording)")
 	var modules multiFlag
 	fs.Var(&modules, "module", "Python module to run (repeat for a chain of stages)")

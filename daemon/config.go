@@ -126,7 +126,7 @@ type ControlConfig struct {
 // LogConfig is the [log] table.
 type LogConfig struct {
 	Level  string `toml:"level"`  // debug, info (default), warn, error
-	Format string `toml:"format"` // console (default) or json
+	Format string `toml:"format"` // auto (default: journal, console on a terminal, else json), console or json
 }
 
 // DefaultConfig is the configuration used for anything the file leaves out.
@@ -137,7 +137,7 @@ func DefaultConfig() Config {
 		Python:    PythonConfig{BlockTimeoutMS: 2000},
 		Recording: RecordingConfig{ParentDirectory: "recordings"},
 		Control:   ControlConfig{HTTP: "127.0.0.1:37497"},
-		Log:       LogConfig{Level: "info", Format: "console"},
+		Log:       LogConfig{Level: "info", Format: "auto"},
 	}
 }
 
@@ -391,9 +391,9 @@ func (c *Config) check(data []byte) error {
 		return bad("log.level", fmt.Sprintf("%q: use debug, info, warn or error", c.Log.Level))
 	}
 	switch c.Log.Format {
-	case "console", "json":
+	case "auto", "console", "json":
 	default:
-		return bad("log.format", fmt.Sprintf("%q: use console or json", c.Log.Format))
+		return bad("log.format", fmt.Sprintf("%q: use auto, console or json", c.Log.Format))
 	}
 	if c.Recording.ParentDirectory == "" {
 		return bad("recording.parent_directory", "must not be empty")

@@ -318,6 +318,8 @@ parent_directory = "recs"
 [control]
 start_mode = "record"
 http = ""
+[log]
+format = "console"
 `, mustAbs(t, "../examples/bandpass_filter.py"), mustAbs(t, "../examples/threshold_ttl.py"))), 0o644)
 	cmd := exec.Command(bin, "run", "--config", cfgPath)
 	var stdout bytes.Buffer
