@@ -67,7 +67,7 @@ Usage:
 // Main runs the ephysd command line and returns the exit code.
 func Main(args []string, stdout, stderr io.Writer) int {
 	if len(args) < 1 {
-		fmt.Fprint(stderr, usage)
+		fmt.Fprint(stderr, usage+ClientUsage)
 		return 2
 	}
 	var err error
@@ -80,10 +80,12 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = benchCommand(args[1:], stdout, stderr)
 	case "devices":
 		err = devicesCommand(args[1:], stdout, stderr)
+	case "status", "acquire", "record", "stop", "idle", "message", "reload", "stages":
+		err = clientCommand(args[0], args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintf(stdout, "ephysd %s\n", Version)
 	case "help", "-h", "--help":
-		fmt.Fprint(stdout, usage)
+		fmt.Fprint(stdout, usage+ClientUsage)
 	default:
 		fmt.Fprintf(stderr, "ephysd: unknown command %q\n\n%s", args[0], usage)
 		return 2
