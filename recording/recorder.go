@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -96,6 +97,17 @@ type Recorder struct {
 	err            error
 	ended          bool
 	stats          Stats
+
+	// checkpointTime is how long each checkpoint took (writing the buffers,
+	// the .npy headers, text.npy and structure.oebin).
+	checkpointTime pipeline.Histogram
+	// bytes is the number of bytes in the files of this recorder's
+	// recordings as of their last checkpoint (sample, timestamp and event
+	// records and .npy headers; not structure.oebin, text.npy or
+	// sync_messages.txt); bytesBase is its value when the open recording
+	// was opened. Both are updated by checkpoints, about once a second.
+	bytes     atomic.Uint64
+	bytesBase uint64
 
 	tickStop chan struct{}
 	tickDone chan struct{}
@@ -289,6 +301,20 @@ func (r *Recorder) Stats() Stats {
 	return r.stats
 }
 
+// CheckpointTime is the histogram of the time each checkpoint took: writing
+// everything buffered to the files, the .npy headers, and text.npy and
+// structure.oebin when they changed (those two are synced to disk). A
+// checkpoint runs about once per checkpoint interval and when a recording
+// closes.
+func (r *Recorder) CheckpointTime() *pipeline.Histogram { return &r.checkpointTime }
+
+// BytesWritten is the number of bytes written to the recording files
+// (continuous.dat, sample numbers, timestamps, events, with their .npy
+// headers) of every recording this recorder made, as of their last
+// checkpoint: it grows about once per checkpoint interval. It does not
+// take the recorder's lock.
+func (r *Recorder) BytesWritten() uint64 { return r.bytes.Load() }
+
 // fail keeps the first error: after it the recorder writes nothing more.
 func (r *Recorder) fail(err error) error {
 	if err != nil && r.err == nil {
@@ -359,6 +385,7 @@ func (r *Recorder) openRecording(b *pipeline.Block) error {
 	}
 	r.rec = o
 	r.cur = rec
+	r.bytesBase = r.bytes.Load()
 	r.lastCheckpoint = now
 	r.dirty = false
 	if r.tickStop == nil {
@@ -584,9 +611,14 @@ func (r *Recorder) dropEvent(ev *pipeline.Event) {
 // timestamps of each stream agree with its continuous.dat.
 func (r *Recorder) checkpoint() error {
 	o := r.rec
-	r.lastCheckpoint = time.Now()
+	start := time.Now()
+	r.lastCheckpoint = start
 	r.dirty = false
 	r.stats.Checkpoints++
+	defer func() {
+		r.checkpointTime.Record(time.Since(start))
+		r.bytes.Store(r.bytesBase + o.bytesOnDisk())
+	}()
 	for _, f := range o.all {
 		if err := f.flush(); err != nil {
 			return err
@@ -601,6 +633,17 @@ func (r *Recorder) checkpoint() error {
 		return err
 	}
 	return o.writeOebin(r, false)
+}
+
+// bytesOnDisk is the size of o's record files as written so far.
+func (o *openRecording) bytesOnDisk() uint64 {
+	var n uint64
+	for _, f := range o.all {
+		if f.f != nil {
+			n += uint64(f.headerSize) + uint64(f.onDisk)*uint64(f.recordSize)
+		}
+	}
+	return n
 }
 
 // listFiles fills o.all with the recording's files, in the order
