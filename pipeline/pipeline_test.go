@@ -1,7 +1,9 @@
 package pipeline
 
 import (
+	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -343,4 +345,41 @@ func BenchmarkHotPath(b *testing.B) {
 	}
 	b.StopTimer()
 	p.Close(false)
+}
+
+type orderSink struct{ log *[]string }
+
+func (s orderSink) HandleEvents(b *Block) error {
+	for _, e := range b.Events {
+		*s.log = append(*s.log, fmt.Sprintf("sink %d", e.Line))
+	}
+	return nil
+}
+
+// Events reach the outputs the moment the stage that made them returns:
+// before the next stage runs, each exactly once.
+func TestEventSinksGetEachStagesEventsAtOnce(t *testing.T) {
+	p, _ := NewPool(PoolSizeFor(2, false), 1, 10)
+	defer p.Close(false)
+	var log []string
+	emit := func(line uint8) Stage {
+		return stageFunc(func(b *Block) error {
+			log = append(log, fmt.Sprintf("stage %d", line))
+			b.Events = append(b.Events, Event{Kind: EventTTL, Line: line, SampleNumber: b.FirstSample})
+			return nil
+		})
+	}
+	r, err := NewRunner(RunnerConfig{Source: &counter{blocks: 1}, Pool: p, QueueDepth: 2, Backpressure: true,
+		Stages: []Stage{emit(1), emit(2)}, EventSinks: []EventSink{orderSink{&log}},
+		ThreadSetup: func(string) func() { return func() {} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Start()
+	if err := r.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(log, ", "); got != "stage 1, sink 1, stage 2, sink 2" {
+		t.Fatalf("order: %s", got)
+	}
 }

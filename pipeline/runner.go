@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +36,11 @@ type RunnerConfig struct {
 	// Interrupt, if set, is called by Stop to unblock a source that is
 	// waiting for its device.
 	Interrupt func()
+	// ThreadSetup, if set, is called on the OS threads of the source loop
+	// ("source") and of the stage loop ("stages"), locked to their
+	// goroutines, before they handle blocks: realtime priority, CPU
+	// affinity. The function it returns undoes that when the loop ends.
+	ThreadSetup func(role string) (restore func())
 	Log       *zap.Logger
 }
 
@@ -262,6 +268,11 @@ func (r *Runner) fail(err error) {
 
 func (r *Runner) sourceLoop() {
 	defer close(r.stageQ)
+	if r.cfg.ThreadSetup != nil {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		defer r.cfg.ThreadSetup("source")()
+	}
 	var (
 		prevWord uint64
 		next     int64
@@ -351,6 +362,12 @@ func (r *Runner) overrun(b *Block) {
 
 func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
 	defer close(r.loopDone)
+	if r.cfg.ThreadSetup != nil {
+		// On the interpreter's thread, which stays locked, this only nests.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		defer r.cfg.ThreadSetup("stages")()
+	}
 	for _, s := range r.cfg.Stages {
 		if h, ok := s.(AcquisitionHooks); ok {
 			if err := h.StartAcquisition(); err != nil {
@@ -396,10 +413,14 @@ func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
 				}
 			}
 			t0 := time.Now()
+			delivered := r.deliver(b, 0) // mirrored input lines go out at once
 			for i, s := range r.cfg.Stages {
 				ts := time.Now()
 				err := s.Process(b)
 				r.stageTimes[i].Record(time.Since(ts))
+				// The events this stage added reach the outputs the
+				// moment it returns, before later stages and the recorder.
+				delivered = r.deliver(b, delivered)
 				if err != nil {
 					r.stageErrors[i].Add(1)
 					if ok, more := r.stageErrLog[i].Allow(time.Now()); ok {
@@ -407,11 +428,6 @@ func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
 							zap.String("stage", s.Name()), zap.Int64("first_sample", b.FirstSample),
 							zap.Error(err), zap.Int("more_not_logged", more))
 					}
-				}
-			}
-			for _, sink := range r.cfg.EventSinks {
-				if err := sink.HandleEvents(b); err != nil {
-					r.log.Error("event sink failed", zap.Error(err))
 				}
 			}
 			done := time.Now()
@@ -426,6 +442,23 @@ func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
 			f()
 		}
 	}
+}
+
+// deliver hands the block's events from index from on to the event sinks
+// (they see only those) and returns how many events have been delivered.
+func (r *Runner) deliver(b *Block, from int) int {
+	all := b.Events
+	if len(r.cfg.EventSinks) == 0 || from >= len(all) {
+		return len(all)
+	}
+	b.Events = all[from:]
+	for _, sink := range r.cfg.EventSinks {
+		if err := sink.HandleEvents(b); err != nil {
+			r.log.Error("event sink failed", zap.Error(err))
+		}
+	}
+	b.Events = all
+	return len(all)
 }
 
 func (r *Runner) recordingHooks(rec *Recording) {
