@@ -197,6 +197,9 @@ func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, er
 		QueueDepth: depth, Backpressure: !c.Realtime,
 		Interrupt: func() { _ = c.Source.Stop() }, Log: log,
 	}
+	if rt := cfg.Realtime; rt.Priority > 0 || len(rt.CPUs) > 0 {
+		rc.ThreadSetup = (&realtimeSetup{cfg: rt, log: log}).thread
+	}
 	if c.Python != nil {
 		rc.Executor = c.Python
 	}

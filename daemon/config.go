@@ -28,6 +28,7 @@ type Config struct {
 	Inputs    []InputConfig   `toml:"-"` // from [[input]]
 	Recording RecordingConfig `toml:"recording"`
 	Control   ControlConfig   `toml:"control"`
+	Realtime  RealtimeConfig  `toml:"realtime"`
 	Log       LogConfig       `toml:"log"`
 
 	// Driver is the chosen source driver's configuration (from
@@ -65,6 +66,9 @@ type PipelineConfig struct {
 	BlockMS float64 `toml:"block_ms"`
 	// BlockSamples, if set, overrides BlockMS.
 	BlockSamples int `toml:"block_samples"`
+	// Preset "closed_loop" sets, for keys left out: block_samples = 1,
+	// [realtime] priority = 50 and lock_memory = true.
+	Preset string `toml:"preset"`
 	// QueueMS is how much data each queue between the source, the stages
 	// and the recorder can hold before a live source starts dropping blocks
 	// (overruns). Default 1000 ms.
@@ -226,6 +230,7 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 		{Name: "Output", Type: outputsType, Tag: `toml:"output"`},
 		{Name: "Input", Type: inputsType, Tag: `toml:"input"`},
 		{Name: "Control", Type: reflect.TypeOf(&cfg.Control), Tag: `toml:"control"`},
+		{Name: "Realtime", Type: reflect.TypeOf(&cfg.Realtime), Tag: `toml:"realtime"`},
 	})
 	doc := reflect.New(docType)
 	src := reflect.New(sourceType)
@@ -240,6 +245,7 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 	doc.Elem().Field(4).Set(reflect.ValueOf(&cfg.Recording))
 	doc.Elem().Field(5).Set(reflect.ValueOf(&cfg.Log))
 	doc.Elem().FieldByName("Control").Set(reflect.ValueOf(&cfg.Control))
+	doc.Elem().FieldByName("Realtime").Set(reflect.ValueOf(&cfg.Realtime))
 
 	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
@@ -258,6 +264,9 @@ func ParseConfig(path string, data []byte) (*Config, error) {
 	if cfg.Driver == nil {
 		return nil, &ConfigError{File: path, Line: lineOf(data, "driver"), Key: "source.driver",
 			Msg: fmt.Sprintf("unknown driver %q: use one of %s", cfg.Source.Driver, strings.Join(names, ", "))}
+	}
+	if err := cfg.applyPreset(data); err != nil {
+		return nil, err
 	}
 	if err := cfg.check(data); err != nil {
 		return nil, err
@@ -348,6 +357,9 @@ func (c *Config) check(data []byte) error {
 	}
 	if p.QueueMS <= 0 {
 		return bad("pipeline.queue_ms", fmt.Sprintf("%v: must be > 0 milliseconds (default 1000)", p.QueueMS))
+	}
+	if c.Realtime.Priority < 0 || c.Realtime.Priority > 99 {
+		return bad("realtime.priority", fmt.Sprintf("%d: SCHED_FIFO priorities are 1–99 (0: normal scheduling)", c.Realtime.Priority))
 	}
 	if c.Python.Executable != "" && c.Python.Venv != "" {
 		return bad("python.venv", "set python.executable or python.venv, not both")

@@ -61,6 +61,9 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
+	if cfg.Realtime.LockMemory {
+		lockMemory(log)
+	}
 	notify := NewNotifier(log)
 	notify.Status("starting")
 	svc, err := NewService(cfg, log)
