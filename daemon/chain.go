@@ -194,7 +194,7 @@ func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, er
 	rc := pipeline.RunnerConfig{
 		Source: c.Source, SourceID: c.Info.ProcessorID, Pool: c.Pool, Stages: stages,
 		EventSinks: sinks, Consumers: []pipeline.Consumer{c.Recorder}, KeepRaw: cfg.Recording.RecordRaw,
-		QueueDepth: depth, Backpressure: !c.Realtime,
+		QueueDepth: depth, Backpressure: !c.Realtime, Inline: cfg.Pipeline.Inline,
 		Interrupt: func() { _ = c.Source.Stop() }, Log: log,
 	}
 	if rt := cfg.Realtime; rt.Priority > 0 || len(rt.CPUs) > 0 {

@@ -67,8 +67,12 @@ type PipelineConfig struct {
 	// BlockSamples, if set, overrides BlockMS.
 	BlockSamples int `toml:"block_samples"`
 	// Preset "closed_loop" sets, for keys left out: block_samples = 1,
-	// [realtime] priority = 50 and lock_memory = true.
+	// inline = true, [realtime] priority = 50 and lock_memory = true.
 	Preset string `toml:"preset"`
+	// Inline reads the source on the stage (Python) thread: one thread
+	// hand-off less per block. A stage that falls behind then delays
+	// reading; what the device loses meanwhile is recorded as gaps.
+	Inline bool `toml:"inline"`
 	// QueueMS is how much data each queue between the source, the stages
 	// and the recorder can hold before a live source starts dropping blocks
 	// (overruns). Default 1000 ms.

@@ -23,9 +23,9 @@ type RealtimeConfig struct {
 	CPUs []int `toml:"cpus"`
 }
 
-// closedLoopPreset is what [pipeline] preset = "closed_loop" implies for
-// keys the file leaves out: blocks of one sample, a short queue, realtime
-// priority and locked memory.
+// applyPreset applies [pipeline] preset = "closed_loop" to the keys the
+// file leaves out: blocks of one sample, the source read on the stage
+// thread, realtime priority and locked memory.
 func (c *Config) applyPreset(data []byte) error {
 	switch c.Pipeline.Preset {
 	case "":
@@ -33,6 +33,9 @@ func (c *Config) applyPreset(data []byte) error {
 	case "closed_loop":
 		if c.Pipeline.BlockSamples == 0 {
 			c.Pipeline.BlockSamples = 1
+		}
+		if lineOf(data, "inline") == 0 {
+			c.Pipeline.Inline = true
 		}
 		if lineOf(data, "priority") == 0 {
 			c.Realtime.Priority = 50

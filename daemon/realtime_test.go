@@ -19,7 +19,7 @@ func TestClosedLoopPreset(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Pipeline.BlockSamples != 1 || cfg.Realtime.Priority != 50 || !cfg.Realtime.LockMemory {
+	if cfg.Pipeline.BlockSamples != 1 || !cfg.Pipeline.Inline || cfg.Realtime.Priority != 50 || !cfg.Realtime.LockMemory {
 		t.Fatalf("preset: %+v %+v", cfg.Pipeline, cfg.Realtime)
 	}
 	cfg, err = ParseConfig("x.toml", []byte("[pipeline]\npreset = \"closed_loop\"\nblock_samples = 4\n[realtime]\npriority = 0\n"))

@@ -383,3 +383,20 @@ func TestEventSinksGetEachStagesEventsAtOnce(t *testing.T) {
 		t.Fatalf("order: %s", got)
 	}
 }
+
+// Inline: the stage thread reads the source itself; nothing is lost, gaps
+// the device reports are counted, hooks and order are as with queues.
+func TestRunnerInline(t *testing.T) {
+	p, _ := NewPool(PoolSizeFor(2, false), 2, 10)
+	defer p.Close(false)
+	h := &hookStage{}
+	src := &counter{blocks: 30, skipAt: 10, word: func(s int64) uint64 { return uint64(s/7) & 1 }}
+	r, s := run(t, RunnerConfig{Source: src, Pool: p, QueueDepth: 2, Inline: true, Stages: []Stage{h}})
+	st := r.Stats()
+	if st.Blocks != 30 || st.Processed != 30 || st.OverrunBlocks != 0 || s.samples != 300 || st.Gaps != 1 || st.Events == 0 {
+		t.Fatalf("stats %+v, consumed %d", st, s.samples)
+	}
+	if h.log[0] != "start_acq" || h.log[len(h.log)-1] != "stop_acq" || len(h.log) != 32 {
+		t.Fatalf("hooks %v", h.log)
+	}
+}

@@ -31,6 +31,11 @@ type RunnerConfig struct {
 	// Backpressure makes the source wait for the stages instead of dropping
 	// blocks: right for offline processing, wrong for a live device.
 	Backpressure bool
+	// Inline reads the source on the stage thread and processes each block
+	// at once, without a queue in between: the lowest latency (closed
+	// loop). A stage that falls behind then delays reading, and what the
+	// device loses meanwhile shows as gaps, not overruns.
+	Inline bool
 	// Executor runs the stage loop (default: a goroutine).
 	Executor Executor
 	// Interrupt, if set, is called by Stop to unblock a source that is
@@ -41,7 +46,7 @@ type RunnerConfig struct {
 	// goroutines, before they handle blocks: realtime priority, CPU
 	// affinity. The function it returns undoes that when the loop ends.
 	ThreadSetup func(role string) (restore func())
-	Log       *zap.Logger
+	Log         *zap.Logger
 }
 
 // Stats are the runner's counters.
@@ -159,7 +164,9 @@ func (r *Runner) Start() error {
 		return err
 	}
 	go r.consumeLoop()
-	go r.sourceLoop()
+	if !r.cfg.Inline {
+		go r.sourceLoop()
+	}
 	return nil
 }
 
@@ -266,6 +273,56 @@ func (r *Runner) fail(err error) {
 	r.Stop()
 }
 
+// readState is what reading carries from one block to the next.
+type readState struct {
+	prevWord uint64
+	next     int64
+	haveNext bool
+}
+
+// read fills b from the source and prepares it: checks, counters, gaps,
+// TTL edges, recording, messages. A non-nil error ends reading (io.EOF at
+// the end of the source).
+func (r *Runner) read(st *readState, b *Block) error {
+	if err := r.cfg.Source.ReadBlock(b); err != nil {
+		if errors.Is(err, io.EOF) || r.stopping.Load() {
+			return io.EOF
+		}
+		return fmt.Errorf("source: %w", err)
+	}
+	if b.Samples < 1 || b.Samples > b.cap || b.Channels != r.cfg.Pool.channels {
+		return fmt.Errorf("source: block of %d channels × %d samples does not fit the pool's %d × 1..%d", b.Channels, b.Samples, r.cfg.Pool.channels, b.cap)
+	}
+	b.ReadAt = time.Now()
+	n := uint64(b.Samples)
+	r.blocks.Add(1)
+	r.samples.Add(n)
+	if st.haveNext && b.FirstSample != st.next {
+		r.gaps.Add(1)
+		if b.FirstSample > st.next {
+			r.gapSamples.Add(uint64(b.FirstSample - st.next))
+		}
+		if ok, more := r.gapLog.Allow(time.Now()); ok {
+			r.log.Warn("source gap: samples were lost before reaching ephysd",
+				zap.Int64("expected_sample", st.next), zap.Int64("got_sample", b.FirstSample),
+				zap.Int64("missing", b.FirstSample-st.next), zap.Int("more_gaps_not_logged", more))
+		}
+	}
+	st.next, st.haveNext = b.FirstSample+int64(b.Samples), true
+	b.Events, st.prevWord = AppendEdges(b.Events, r.cfg.SourceID, st.prevWord, b.Digital[:b.Samples], b.FirstSample)
+	b.Recording = r.recording.Load()
+	if r.hasMsg.Load() && b != r.spare {
+		r.msgMu.Lock()
+		for _, m := range r.messages {
+			b.Events = append(b.Events, Event{Kind: EventMessage, Processor: MessageCenterID, SampleNumber: b.FirstSample, Text: m})
+		}
+		r.messages = r.messages[:0]
+		r.hasMsg.Store(false)
+		r.msgMu.Unlock()
+	}
+	return nil
+}
+
 func (r *Runner) sourceLoop() {
 	defer close(r.stageQ)
 	if r.cfg.ThreadSetup != nil {
@@ -273,12 +330,8 @@ func (r *Runner) sourceLoop() {
 		defer runtime.UnlockOSThread()
 		defer r.cfg.ThreadSetup("source")()
 	}
-	var (
-		prevWord uint64
-		next     int64
-		haveNext bool
-		ctx      = context.Background()
-	)
+	var st readState
+	ctx := context.Background()
 	for !r.stopping.Load() {
 		var b *Block
 		if r.cfg.Backpressure {
@@ -287,52 +340,15 @@ func (r *Runner) sourceLoop() {
 			b = r.spare
 			b.Reset()
 		}
-		err := r.cfg.Source.ReadBlock(b)
-		if err != nil {
+		if err := r.read(&st, b); err != nil {
 			if b != r.spare {
 				b.Release()
 			}
-			if errors.Is(err, io.EOF) || r.stopping.Load() {
-				return
+			if err != io.EOF {
+				r.fail(err)
 			}
-			r.fail(fmt.Errorf("source: %w", err))
 			return
 		}
-		if b.Samples < 1 || b.Samples > b.cap || b.Channels != r.cfg.Pool.channels {
-			if b != r.spare {
-				b.Release()
-			}
-			r.fail(fmt.Errorf("source: block of %d channels × %d samples does not fit the pool's %d × 1..%d", b.Channels, b.Samples, r.cfg.Pool.channels, b.cap))
-			return
-		}
-		b.ReadAt = time.Now()
-		n := uint64(b.Samples)
-		r.blocks.Add(1)
-		r.samples.Add(n)
-		if haveNext && b.FirstSample != next {
-			r.gaps.Add(1)
-			if b.FirstSample > next {
-				r.gapSamples.Add(uint64(b.FirstSample - next))
-			}
-			if ok, more := r.gapLog.Allow(time.Now()); ok {
-				r.log.Warn("source gap: samples were lost before reaching ephysd",
-					zap.Int64("expected_sample", next), zap.Int64("got_sample", b.FirstSample),
-					zap.Int64("missing", b.FirstSample-next), zap.Int("more_gaps_not_logged", more))
-			}
-		}
-		next, haveNext = b.FirstSample+int64(b.Samples), true
-		b.Events, prevWord = AppendEdges(b.Events, r.cfg.SourceID, prevWord, b.Digital[:b.Samples], b.FirstSample)
-		b.Recording = r.recording.Load()
-		if r.hasMsg.Load() && b != r.spare {
-			r.msgMu.Lock()
-			for _, m := range r.messages {
-				b.Events = append(b.Events, Event{Kind: EventMessage, Processor: MessageCenterID, SampleNumber: b.FirstSample, Text: m})
-			}
-			r.messages = r.messages[:0]
-			r.hasMsg.Store(false)
-			r.msgMu.Unlock()
-		}
-
 		if b == r.spare {
 			r.overrun(b)
 			continue
@@ -377,71 +393,114 @@ func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
 	}
 	ready <- nil
 	var current *Recording
-	ctx := context.Background()
+	if r.cfg.Inline {
+		r.inlineLoop(tasks, &current)
+	} else {
+		r.queuedLoop(tasks, &current)
+	}
+	if current != nil {
+		r.recordingHooks(nil)
+	}
+	for _, s := range r.cfg.Stages {
+		if h, ok := s.(AcquisitionHooks); ok {
+			if err := h.StopAcquisition(); err != nil {
+				r.log.Error("stage stop_acquisition failed", zap.String("stage", s.Name()), zap.Error(err))
+			}
+		}
+	}
+	close(r.consQ)
+}
+
+// queuedLoop processes the blocks the source loop queues, and the thread's
+// other work between them, until the source loop ends.
+func (r *Runner) queuedLoop(tasks <-chan func(), current **Recording) {
 	for {
 		select {
 		case b, ok := <-r.stageQ:
 			if !ok {
-				if current != nil {
-					r.recordingHooks(nil)
-				}
-				for _, s := range r.cfg.Stages {
-					if h, ok := s.(AcquisitionHooks); ok {
-						if err := h.StopAcquisition(); err != nil {
-							r.log.Error("stage stop_acquisition failed", zap.String("stage", s.Name()), zap.Error(err))
-						}
-					}
-				}
-				close(r.consQ)
 				return
 			}
-			if b.Recording != current {
-				if current != nil {
-					r.recordingHooks(nil)
-				}
-				if b.Recording != nil {
-					r.recordingHooks(b.Recording)
-				}
-				current = b.Recording
-			}
-			if r.cfg.KeepRaw {
-				// The pool is sized for two blocks per block in flight,
-				// so this waits only if a consumer holds blocks too long.
-				if raw, err := r.cfg.Pool.Get(ctx); err == nil {
-					raw.CopyFrom(b)
-					b.Raw = raw
-				}
-			}
-			t0 := time.Now()
-			delivered := r.deliver(b, 0) // mirrored input lines go out at once
-			for i, s := range r.cfg.Stages {
-				ts := time.Now()
-				err := s.Process(b)
-				r.stageTimes[i].Record(time.Since(ts))
-				// The events this stage added reach the outputs the
-				// moment it returns, before later stages and the recorder.
-				delivered = r.deliver(b, delivered)
-				if err != nil {
-					r.stageErrors[i].Add(1)
-					if ok, more := r.stageErrLog[i].Allow(time.Now()); ok {
-						r.log.Error("stage failed on a block; the block passes on unchanged",
-							zap.String("stage", s.Name()), zap.Int64("first_sample", b.FirstSample),
-							zap.Error(err), zap.Int("more_not_logged", more))
-					}
-				}
-			}
-			done := time.Now()
-			r.loopTime.Record(done.Sub(t0))
-			r.latency.Record(done.Sub(b.ReadAt))
-			r.processed.Add(1)
-			r.events.Add(uint64(len(b.Events)))
-			r.consQ <- b
+			r.process(b, current)
 		case f := <-r.ctl:
 			f()
 		case f := <-tasks:
 			f()
 		}
 	}
+}
+
+// inlineLoop reads the source on this thread and processes each block at
+// once: one thread hand-off less per block (closed loop). A stage that
+// falls behind delays reading; what the device then loses shows as gaps.
+func (r *Runner) inlineLoop(tasks <-chan func(), current **Recording) {
+	var st readState
+	ctx := context.Background()
+	for !r.stopping.Load() {
+		select {
+		case f := <-r.ctl:
+			f()
+			continue
+		case f := <-tasks:
+			f()
+			continue
+		default:
+		}
+		b, _ := r.cfg.Pool.Get(ctx)
+		if err := r.read(&st, b); err != nil {
+			b.Release()
+			if err != io.EOF {
+				r.fail(err)
+			}
+			return
+		}
+		r.process(b, current)
+	}
+}
+
+// process runs the stages on b, hands its events to the outputs as they
+// appear, and queues it for the consumers.
+func (r *Runner) process(b *Block, current **Recording) {
+	if b.Recording != *current {
+		if *current != nil {
+			r.recordingHooks(nil)
+		}
+		if b.Recording != nil {
+			r.recordingHooks(b.Recording)
+		}
+		*current = b.Recording
+	}
+	if r.cfg.KeepRaw {
+		// The pool is sized for two blocks per block in flight, so this
+		// waits only if a consumer holds blocks too long.
+		if raw, err := r.cfg.Pool.Get(context.Background()); err == nil {
+			raw.CopyFrom(b)
+			b.Raw = raw
+		}
+	}
+	t0 := time.Now()
+	delivered := r.deliver(b, 0) // mirrored input lines go out at once
+	for i, s := range r.cfg.Stages {
+		ts := time.Now()
+		err := s.Process(b)
+		r.stageTimes[i].Record(time.Since(ts))
+		// The events this stage added reach the outputs the moment it
+		// returns, before later stages and the recorder.
+		delivered = r.deliver(b, delivered)
+		if err != nil {
+			r.stageErrors[i].Add(1)
+			if ok, more := r.stageErrLog[i].Allow(time.Now()); ok {
+				r.log.Error("stage failed on a block; the block passes on unchanged",
+					zap.String("stage", s.Name()), zap.Int64("first_sample", b.FirstSample),
+					zap.Error(err), zap.Int("more_not_logged", more))
+			}
+		}
+	}
+	done := time.Now()
+	r.loopTime.Record(done.Sub(t0))
+	r.latency.Record(done.Sub(b.ReadAt))
+	r.processed.Add(1)
+	r.events.Add(uint64(len(b.Events)))
+	r.consQ <- b
 }
 
 // deliver hands the block's events from index from on to the event sinks
