@@ -44,10 +44,12 @@ test: deps
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 12m ./...
 
-# Prints performance figures (see docs/performance.md).
+# Prints performance figures and records the suite's in docs/PERFORMANCE.md
+# (ephysd bench: < 10 minutes; `./bin/ephysd bench --long` for the full
+# 60 s throughput probes and 10000 latency events).
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
-	./$(BIN) bench
+	./$(BIN) bench --write-doc docs/PERFORMANCE.md --png docs/latency.png
 
 soak: build
 	./$(BIN) process --source sim --channels 384 --realtime --module examples/bandpass_filter.py --out $${TMPDIR:-/tmp}/ephysd-soak --duration 10m

@@ -57,9 +57,9 @@ Usage:
       List the serial ports and USB devices ephysd recognises, the driver that
       would take each, and whether this user may open it.
 
-  ephysd bench
-      Print performance figures: Go→Python call overhead, allocations per block,
-      and process speed for 384 channels at 30 kHz.
+  ephysd bench [--quick|--long] [latency|throughput|python|recorder|footprint|calls|all]
+      The performance suite: closed-loop latency, throughput search, Python
+      overhead, recorder rate, footprint; prints tables (see docs/PERFORMANCE.md).
 
   ephysd version
 `
