@@ -43,6 +43,7 @@ run: build
 test: deps
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 12m ./...
+	$(GO) test -count=1 -timeout 5m -run 'TestBenchLatencyShort' ./daemon
 
 # Prints performance figures and records the suite's in docs/PERFORMANCE.md
 # (ephysd bench: < 10 minutes; `./bin/ephysd bench --long` for the full

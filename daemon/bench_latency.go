@@ -705,8 +705,8 @@ func benchLatencyOne(opts LatencyOptions, block int, cond string) (res LatencyRe
 		for _, ch := range []chan struct{}{dev.done, ttl.done} {
 			select {
 			case <-ch:
-			case <-time.After(3 * time.Second):
-				return fmt.Errorf("a fake device did not end within 3 s of the chain's stop (does another process hold %s or %s open?)", in.Path, out.Path)
+			case <-time.After(10 * time.Second):
+				return fmt.Errorf("a fake device did not end within 10 s of the chain's stop (does another process hold %s or %s open?)", in.Path, out.Path)
 			}
 		}
 		return nil

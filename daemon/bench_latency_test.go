@@ -18,6 +18,9 @@ func TestBenchLatencyShort(t *testing.T) {
 	if testing.Short() {
 		t.Skip("streams 2 × 1.5 s in real time")
 	}
+	if raceEnabled {
+		t.Skip("real-time harness: make test runs it in its race-free pass")
+	}
 	img := filepath.Join(t.TempDir(), "latency.png")
 	var progress bytes.Buffer
 	rs, err := BenchLatency(LatencyOptions{

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -60,11 +61,37 @@ func Open(path string, opt Options) (Port, Latency, error) {
 	if holders := Holders(path); len(holders) > 0 {
 		return nil, lat, fmt.Errorf("serial %s: busy — it is open in %s; close that program (or stop the service) and try again", path, strings.Join(holders, ", "))
 	}
+	// go.bug.st/serial opens the device without O_CLOEXEC: hold the fork
+	// lock (as the syscall package does for such opens) until the new
+	// descriptor is close-on-exec, so no child process of ephysd (a Python
+	// subprocess, a tool) keeps the port open after ephysd closes it.
+	syscall.ForkLock.RLock()
 	p, err := serial.Open(path, &serial.Mode{BaudRate: opt.Baud, DataBits: 8, Parity: serial.NoParity, StopBits: serial.OneStopBit})
+	if err == nil {
+		setCloseOnExec(path)
+	}
+	syscall.ForkLock.RUnlock()
 	if err != nil {
 		return nil, lat, OpenError(path, err)
 	}
 	return p, lat, nil
+}
+
+// setCloseOnExec marks every descriptor of this process open on path
+// close-on-exec.
+func setCloseOnExec(path string) {
+	target, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return
+	}
+	fds, _ := os.ReadDir("/proc/self/fd")
+	for _, fd := range fds {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil && l == target {
+			if n, err := strconv.Atoi(fd.Name()); err == nil {
+				unix.CloseOnExec(n)
+			}
+		}
+	}
 }
 
 // OpenError turns an open failure into an error that says what to do.

@@ -96,3 +96,21 @@ func TestBusyNamesTheHolder(t *testing.T) {
 		t.Fatalf("got %v, want busy and %q", err, want)
 	}
 }
+
+// A child process started after the port was opened must not inherit it.
+func TestPortIsCloseOnExec(t *testing.T) {
+	p := ptytest.New(t)
+	port, _, err := Open(p.Path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer port.Close()
+	p.ReleaseSlave()
+	out, err := exec.Command("/bin/sh", "-c", "ls -l /proc/$$/fd").CombinedOutput()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(out), p.Path) {
+		t.Fatalf("a child inherited %s:\n%s", p.Path, out)
+	}
+}
