@@ -11,7 +11,7 @@ CONFIG  ?= examples/ephysd.toml
 # embedded interpreter, numpy/scipy for the example modules, neo to read
 # recordings back in the tests, systemd for systemd-analyze and
 # systemd-sysusers (the unit's tests; a CI container has no systemd).
-DEB_PACKAGES := gcc pkg-config libpython3-dev python3-numpy python3-scipy python3-neo \
+DEB_PACKAGES := gcc pkg-config libpython3.11-dev python3-numpy python3-scipy python3-neo \
                 libusb-1.0-0-dev umockdev systemd
 
 .PHONY: all deps build run test bench soak install uninstall clean
