@@ -14,15 +14,10 @@ package openbcitest
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
-	"os"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/ephysd/ephysd/drivers/serialport/ptytest"
 )
@@ -81,10 +76,9 @@ const (
 
 // FakeCyton is the fake board. Its methods may be called from any goroutine.
 type FakeCyton struct {
-	pty    *ptytest.PTY
-	master *os.File // a non-blocking duplicate of the master: Close wakes a pending Read
-	opt    Options
-	drop   map[int]bool
+	pty  *ptytest.PTY
+	opt  Options
+	drop map[int]bool
 
 	mu        sync.Mutex
 	received  []byte
@@ -113,14 +107,6 @@ func Start(t testing.TB, opt Options) *FakeCyton {
 	for _, k := range opt.Drop {
 		f.drop[k] = true
 	}
-	fd, err := unix.Dup(int(f.pty.Master.Fd()))
-	if err != nil {
-		t.Fatalf("openbcitest: %v", err)
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		t.Fatalf("openbcitest: %v", err)
-	}
-	f.master = os.NewFile(uintptr(fd), f.pty.Path+" (master)")
 	f.pty.ReleaseSlave()
 	f.wg.Add(2)
 	go f.readLoop()
@@ -141,7 +127,6 @@ func (f *FakeCyton) Close() {
 		close(f.done)
 	}
 	f.mu.Unlock()
-	f.master.Close()
 	f.pty.Close()
 	f.wg.Wait()
 }
@@ -153,7 +138,6 @@ func (f *FakeCyton) Unplug() {
 	f.unplugged = true
 	f.changedLocked()
 	f.mu.Unlock()
-	f.master.Close()
 	f.pty.Unplug()
 }
 
@@ -230,7 +214,7 @@ func (f *FakeCyton) changedLocked() {
 func (f *FakeCyton) write(b []byte) {
 	f.wmu.Lock()
 	defer f.wmu.Unlock()
-	_, _ = f.master.Write(b)
+	_, _ = f.pty.Master.Write(b)
 }
 
 // readLoop reads the driver's commands and answers them.
@@ -239,17 +223,8 @@ func (f *FakeCyton) readLoop() {
 	buf := make([]byte, 256)
 	var pending []byte // an unfinished x…X
 	for {
-		n, err := f.master.Read(buf)
+		n, err := f.pty.Read(buf) // waits while nobody holds the slave
 		if err != nil {
-			if errors.Is(err, syscall.EIO) {
-				// No one holds the slave (yet, or any more).
-				select {
-				case <-f.done:
-					return
-				case <-time.After(2 * time.Millisecond):
-					continue
-				}
-			}
 			return // closed: unplugged, or the test is over
 		}
 		f.mu.Lock()

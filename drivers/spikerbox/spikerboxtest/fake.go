@@ -14,15 +14,10 @@ package spikerboxtest
 
 import (
 	"bytes"
-	"errors"
-	"os"
 	"strconv"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/ephysd/ephysd/drivers/serialport/ptytest"
 )
@@ -64,9 +59,8 @@ type Options struct {
 // FakeSpikerBox is the fake box. Its methods may be called from any
 // goroutine.
 type FakeSpikerBox struct {
-	pty    *ptytest.PTY
-	master *os.File // a non-blocking duplicate of the master: Close wakes a pending Read
-	opt    Options
+	pty *ptytest.PTY
+	opt Options
 
 	mu        sync.Mutex
 	received  []byte
@@ -94,14 +88,6 @@ func Start(t testing.TB, opt Options) *FakeSpikerBox {
 		opt.Rate = 10000
 	}
 	f := &FakeSpikerBox{pty: ptytest.New(t), opt: opt, channels: opt.Channels, changed: make(chan struct{}), done: make(chan struct{})}
-	fd, err := unix.Dup(int(f.pty.Master.Fd()))
-	if err != nil {
-		t.Fatalf("spikerboxtest: %v", err)
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		t.Fatalf("spikerboxtest: %v", err)
-	}
-	f.master = os.NewFile(uintptr(fd), f.pty.Path+" (master)")
 	f.pty.ReleaseSlave()
 	f.wg.Add(2)
 	go f.readLoop()
@@ -122,7 +108,6 @@ func (f *FakeSpikerBox) Close() {
 		close(f.done)
 	}
 	f.mu.Unlock()
-	f.master.Close()
 	f.pty.Close()
 	f.wg.Wait()
 }
@@ -134,7 +119,6 @@ func (f *FakeSpikerBox) Unplug() {
 	f.unplugged = true
 	f.changedLocked()
 	f.mu.Unlock()
-	f.master.Close()
 	f.pty.Unplug()
 }
 
@@ -188,7 +172,7 @@ func (f *FakeSpikerBox) changedLocked() {
 func (f *FakeSpikerBox) write(b []byte) {
 	f.wmu.Lock()
 	defer f.wmu.Unlock()
-	_, _ = f.master.Write(b)
+	_, _ = f.pty.Master.Write(b)
 }
 
 // Message wraps body in the message escapes.
@@ -203,16 +187,8 @@ func (f *FakeSpikerBox) readLoop() {
 	buf := make([]byte, 256)
 	var cmd []byte
 	for {
-		n, err := f.master.Read(buf)
+		n, err := f.pty.Read(buf) // waits while nobody holds the slave
 		if err != nil {
-			if errors.Is(err, syscall.EIO) {
-				select {
-				case <-f.done:
-					return
-				case <-time.After(2 * time.Millisecond):
-					continue
-				}
-			}
 			return
 		}
 		f.mu.Lock()
