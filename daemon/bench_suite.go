@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/ephysd/ephysd/drivers/sim"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -147,6 +148,9 @@ func BenchThroughput(o ThroughputOptions) ([]ThroughputResult, error) {
 	}
 	if o.Log == nil {
 		o.Log = zap.NewNop()
+	}
+	if o.Max > sim.MaxChannels { // the source's own limit: beyond it, "all passed"
+		o.Max = sim.MaxChannels
 	}
 	var grid []int
 	for c := o.Min; c <= o.Max; c += o.Step {
@@ -315,7 +319,7 @@ func throughputTables(rs []ThroughputResult, probe time.Duration) []benchTable {
 		}
 		fail, over := "—", "—"
 		if r.AllPassed {
-			largest = "≥ " + largest + " (top of the search)"
+			largest = "≥ " + largest + " (top of the search; the simulator stops at 4096)"
 		}
 		if f := r.FirstFail; f != nil {
 			fail = strconv.Itoa(f.Channels)

@@ -70,6 +70,9 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stderr, usage+ClientUsage)
 		return 2
 	}
+	if main, ok := hiddenCommands[args[0]]; ok {
+		return main(args[1:], stdout, stderr)
+	}
 	var err error
 	switch args[0] {
 	case "run":
