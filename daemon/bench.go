@@ -198,6 +198,7 @@ func benchCommand(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stderr, "bench: %s took %s\n", part, time.Since(t0).Round(100*time.Millisecond))
 	}
 	res.Took = time.Since(started)
+	machine.LoadEnd = loadAverage()
 	goals := res.goals()
 	if len(goals.Rows) > 0 {
 		section("goals")

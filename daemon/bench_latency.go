@@ -48,6 +48,9 @@ type LatencyOptions struct {
 	// Conditions to run, among "idle" and "recording+cpu hog"; default
 	// both.
 	Conditions []string
+	// NoBaseline skips the baseline run (the ptys without ephysd) of
+	// each configuration.
+	NoBaseline bool
 	// Pipeline is extra TOML for the chain's [pipeline] table; default
 	// `preset = "closed_loop"` (the source read on the Python thread,
 	// realtime priority, locked memory). "-" measures the plain pipeline.
@@ -86,9 +89,14 @@ type LatencyResult struct {
 	Gaps       uint64    // gaps in sample numbers ephysd saw
 	Matching   string    // "in order", or how triggers were matched when counts differed
 	// CPU used while streaming, in CPUs (1 = one core busy): by this
-	// process (ephysd and the fake devices), and by everything else but
-	// the CPU hog (other processes; kernel workers, the ptys' included).
-	CPUSelf, CPUOther float64
+	// process (ephysd), by the fake devices' process, and by everything
+	// else but the CPU hog (other processes; kernel workers, the ptys'
+	// included).
+	CPUSelf, CPUDevices, CPUOther float64
+	// Baseline is (b) without ephysd, in the same condition: the two pty
+	// hops and the stream decoding only, by latRelay (no pipeline, no
+	// Python, no recorder); zero when not run.
+	Baseline Quantiles
 	// NonPositive counts software latencies ≤ 0: the trigger was read
 	// before the fake headstage's write returned, i.e. its thread was
 	// descheduled between the write and its timestamp (a harness artefact
@@ -127,12 +135,14 @@ const (
 // sample is due, so Fill is the wait for the block to fill plus the fake
 // headstage's own lateness (reported as DeviceLate).
 //
-// The harness shares the process with the chain (as any in-process fake
-// device does). Its two timing threads (the headstage's writer, the Pulse
-// Pal's reader) are locked OS threads that sleep with clock_nanosleep and
-// read with blocking reads, and run SCHED_FIFO when the process may (as
-// root), so that the load they measure delays them as little as possible;
-// they still need one of Go's Ps to take a timestamp.
+// The fake devices run in a child process (bench-devices), as real
+// devices run outside the host. Their two timing threads (the headstage's
+// writer, the Pulse Pal's reader) are locked OS threads that sleep with
+// clock_nanosleep and read with blocking reads, and run SCHED_FIFO when
+// the process may (as root), so that the load they measure delays them as
+// little as possible. Each configuration is then run once more with
+// latRelay in place of ephysd (Baseline): what the ptys and the stream
+// protocol cost on this machine without the pipeline and Python.
 func BenchLatency(opts LatencyOptions) ([]LatencyResult, error) {
 	if opts.Events <= 0 {
 		opts.Events = 10000
@@ -183,6 +193,11 @@ func BenchLatency(opts LatencyOptions) ([]LatencyResult, error) {
 			r, err := benchLatencyOne(opts, block, cond)
 			if err != nil {
 				return out, fmt.Errorf("bench latency, block %d, %s: %w", block, cond, err)
+			}
+			if !opts.NoBaseline {
+				if r.Baseline, err = benchLatencyBaseline(opts, block, cond); err != nil {
+					return out, fmt.Errorf("bench latency, block %d, %s: %w", block, cond, err)
+				}
 			}
 			out = append(out, r)
 			if opts.Progress != nil {
@@ -499,12 +514,6 @@ func (f *latPulsePal) triggers() []time.Duration {
 	return slices.Clone(f.at)
 }
 
-func (f *latPulsePal) count() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.at)
-}
-
 func (f *latPulsePal) run() {
 	go func() {
 		defer close(f.done)
@@ -593,9 +602,9 @@ func latPlantCrossings(n, rate int, spacing time.Duration, seed uint64) []int64 
 
 // latCPUTimes are clock ticks from /proc: all CPUs busy and idle, this
 // process, the hog.
-type latCPUTimes struct{ busy, idle, self, hog uint64 }
+type latCPUTimes struct{ busy, idle, self, hog, dev uint64 }
 
-func latReadCPU(hogPid int) latCPUTimes {
+func latReadCPU(hogPid, devPid int) latCPUTimes {
 	var t latCPUTimes
 	if b, err := os.ReadFile("/proc/stat"); err == nil {
 		line, _, _ := strings.Cut(string(b), "\n")
@@ -612,6 +621,9 @@ func latReadCPU(hogPid int) latCPUTimes {
 	t.self = latProcTicks("/proc/self/stat")
 	if hogPid > 0 {
 		t.hog = latProcTicks(fmt.Sprintf("/proc/%d/stat", hogPid))
+	}
+	if devPid > 0 {
+		t.dev = latProcTicks(fmt.Sprintf("/proc/%d/stat", devPid))
 	}
 	return t
 }
@@ -635,17 +647,18 @@ func latProcTicks(path string) uint64 {
 	return u + s
 }
 
-// since returns the CPUs used by this process and by everything but it
-// and the hog since t0.
-func (t latCPUTimes) since(t0 latCPUTimes) (self, other float64) {
+// since returns the CPUs used since t0 by this process, by the fake
+// devices' process, and by everything else but the hog.
+func (t latCPUTimes) since(t0 latCPUTimes) (self, dev, other float64) {
 	all := float64((t.busy + t.idle) - (t0.busy + t0.idle))
 	if all <= 0 {
-		return 0, 0
+		return 0, 0, 0
 	}
 	n := float64(runtime.NumCPU())
 	self = float64(t.self-t0.self) / all * n
-	other = (float64(t.busy-t0.busy) - float64(t.self-t0.self) - float64(t.hog-t0.hog)) / all * n
-	return self, max(0, other)
+	dev = float64(t.dev-t0.dev) / all * n
+	other = (float64(t.busy-t0.busy) - float64(t.self-t0.self) - float64(t.dev-t0.dev) - float64(t.hog-t0.hog)) / all * n
+	return self, dev, max(0, other)
 }
 
 // latStartHog starts a busy child process pinned to the last CPU. It
@@ -687,29 +700,18 @@ func benchLatencyOne(opts LatencyOptions, block int, cond string) (res LatencyRe
 	}
 	defer out.close()
 	planted := latPlantCrossings(opts.Events, opts.Rate, opts.Spacing, uint64(block)*1000+uint64(len(cond)))
-	dev, err := newLatHeadstage(in, clk, opts.Channels, opts.Rate, block, planted)
+	devs, err := startLatDevices(in, out, clk, opts.Channels, opts.Rate, block, planted)
 	if err != nil {
 		in.releaseSlave()
 		out.releaseSlave()
 		return res, err
 	}
-	ttl := newLatPulsePal(out, clk, opts.Events+64)
-	dev.run()
-	ttl.run()
-	// The device threads end once the driver and the harness have both
-	// closed the slaves.
+	// The devices end once the driver and the harness have both closed
+	// the slaves.
 	stopDevices := func() error {
-		dev.stop.Store(true)
 		in.releaseSlave()
 		out.releaseSlave()
-		for _, ch := range []chan struct{}{dev.done, ttl.done} {
-			select {
-			case <-ch:
-			case <-time.After(10 * time.Second):
-				return fmt.Errorf("a fake device did not end within 10 s of the chain's stop (does another process hold %s or %s open?)", in.Path, out.Path)
-			}
-		}
-		return nil
+		return devs.wait(10 * time.Second)
 	}
 	defer stopDevices()
 
@@ -788,16 +790,16 @@ http = ""
 	if hog != nil {
 		hogPid = hog.Process.Pid
 	}
-	cpu0 := latReadCPU(hogPid)
+	cpu0 := latReadCPU(hogPid, devs.cmd.Process.Pid)
 
 	// Stream until the last crossing and its tail are out, then wait for
 	// the triggers still on their way.
 	runFor := latWarmup + time.Duration(float64(planted[len(planted)-1])/float64(opts.Rate)*float64(time.Second)) + 30*time.Second
 	select {
-	case <-dev.last:
-	case <-dev.done:
-		if dev.werr != nil {
-			return res, dev.werr
+	case <-devs.last:
+	case <-devs.done:
+		if devs.err != nil {
+			return res, devs.err
 		}
 		return res, errors.New("the fake headstage stopped early (ephysd stopped the stream?)")
 	case <-chain.Runner.Done():
@@ -805,10 +807,8 @@ http = ""
 	case <-time.After(runFor):
 		return res, errors.New("the fake headstage fell far behind real time")
 	}
-	res.CPUSelf, res.CPUOther = latReadCPU(hogPid).since(cpu0)
-	for deadline := time.Now().Add(time.Second); ttl.count() < len(planted) && time.Now().Before(deadline); {
-		time.Sleep(time.Millisecond)
-	}
+	res.CPUSelf, res.CPUDevices, res.CPUOther = latReadCPU(hogPid, devs.cmd.Process.Pid).since(cpu0)
+	time.Sleep(latTriggerWait) // the last triggers on their way
 	st := chain.Runner.Stats()
 	res.Overruns, res.Gaps = st.OverrunBlocks, st.Gaps
 	res.Inside = latHistQuantiles(chain.Runner.Latency())
@@ -821,12 +821,10 @@ http = ""
 	if err := stopDevices(); err != nil {
 		return res, err
 	}
-	if dev.werr != nil {
-		return res, dev.werr
-	}
-	res.DeviceLate = latHistQuantiles(&dev.late)
+	rep := devs.report
+	res.DeviceLate = rep.Late
 
-	fill, sw, total, missed, spurious, how := latMatchTriggers(dev.start, planted, dev.began, dev.written, ttl.triggers(), float64(opts.Rate))
+	fill, sw, total, missed, spurious, how := latMatchTriggers(rep.Start, planted, rep.Began, rep.Written, rep.Triggers, float64(opts.Rate))
 	res.Fill, res.Software, res.Total = latQuantilesOf(fill), latQuantilesOf(sw), latQuantilesOf(total)
 	res.software, res.total = sw, total
 	for _, d := range sw {
@@ -834,7 +832,7 @@ http = ""
 			res.NonPositive++
 		}
 	}
-	res.DeviceRealtime = latDeviceRealtime.Load()
+	res.DeviceRealtime = rep.Realtime
 	res.Missed, res.Spurious, res.Matching = missed, spurious, how
 	return res, nil
 }
@@ -947,7 +945,11 @@ func PrintLatency(w io.Writer, rs []LatencyResult) {
 			{"ephysd: block read → events at the outputs", r.Inside},
 			{"ephysd: threshold_ttl.py process()", r.Python},
 			{"fake headstage: write − due", r.DeviceLate},
+			{"baseline (b) without ephysd: 2 pty hops + stream decoding", r.Baseline},
 		} {
+			if row.q.N == 0 {
+				continue
+			}
 			fmt.Fprintf(w, "| %d | %s | %s | %s | %s | %s | %s | %d |\n", r.Block, r.Condition, row.name,
 				latDur(row.q.P50), latDur(row.q.P99), latDur(row.q.P999), latDur(row.q.Max), row.q.N)
 		}
@@ -957,8 +959,8 @@ func PrintLatency(w io.Writer, rs []LatencyResult) {
 		if !r.DeviceRealtime {
 			rt = "normal scheduling"
 		}
-		fmt.Fprintf(w, "block %d, %s: CPU while streaming: this process (ephysd and the fake devices) %.2f CPUs, everything else but the hog %.2f CPUs; fake devices' threads %s\n",
-			r.Block, r.Condition, r.CPUSelf, r.CPUOther, rt)
+		fmt.Fprintf(w, "block %d, %s: CPU while streaming: ephysd %.2f CPUs, the fake devices' process %.2f CPUs, everything else but the hog %.2f CPUs; fake devices' threads %s\n",
+			r.Block, r.Condition, r.CPUSelf, r.CPUDevices, r.CPUOther, rt)
 		if r.NonPositive > 0 {
 			fmt.Fprintf(w, "block %d, %s: %d software latencies ≤ 0 (the fake headstage's thread was descheduled between its write and its timestamp; left out of the image)\n", r.Block, r.Condition, r.NonPositive)
 		}

@@ -1106,10 +1106,26 @@ type machineInfo struct {
 	MemoryGB                  float64
 	Python, Numpy, Scipy, Exe string
 	Disk                      string
+	// The 1-minute load average when the run began and ended: other
+	// work on the machine shows here (the suite itself adds ~1–2).
+	LoadStart, LoadEnd string
+}
+
+// loadAverage is the first field of /proc/loadavg.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "?"
+	}
+	return f[0]
 }
 
 func describeMachine(rt *pyrt.Runtime, dir string) machineInfo {
-	m := machineInfo{Cores: runtime.NumCPU(), Go: runtime.Version(), Disk: describeDisk(dir)}
+	m := machineInfo{Cores: runtime.NumCPU(), Go: runtime.Version(), Disk: describeDisk(dir), LoadStart: loadAverage()}
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {
 			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
@@ -1224,6 +1240,7 @@ func writeResultsSection(w *bytes.Buffer, docPath, command string, m machineInfo
 	fmt.Fprintf(w, "Measured in one run of `%s` (parts: %s; %s).\n\n", command, strings.Join(r.ran, ", "), r.Took.Round(time.Second))
 	fmt.Fprintln(w, "**Machine.**", fmt.Sprintf("%s, %d cores, %.0f GB RAM; Linux %s, Debian %s; %s; Python %s (%s), numpy %s, scipy %s. Recordings on %s.",
 		m.CPU, m.Cores, m.MemoryGB, m.Kernel, m.Debian, m.Go, m.Python, m.Exe, m.Numpy, orDash(m.Scipy), m.Disk))
+	fmt.Fprintf(w, "Load average (1 min) %s when the run began, %s when it ended (the suite itself adds 1–2; more means other work shared the 2 cores).\n", m.LoadStart, orDash(m.LoadEnd))
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "**Commands.**")
 	fmt.Fprintln(w)
