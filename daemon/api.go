@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/ephysd/ephysd/pipeline"
 	"github.com/ephysd/ephysd/pyrt"
+	"github.com/ephysd/ephysd/recording"
 )
 
 // ControlOptions are what the control API needs beyond the service.
@@ -105,6 +107,8 @@ func NewControl(svc *Service, log *zap.Logger, opts ControlOptions) (*Control, e
 	c.sockSrv = &http.Server{
 		Handler:           c.handler,
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       readTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
 		ConnContext:       unixPeerContext,
 		ErrorLog:          zap.NewStdLog(c.log),
@@ -168,6 +172,8 @@ func (c *Control) listenHTTP(cfg ControlConfig) error {
 	c.httpSrv = &http.Server{
 		Handler:           c.guard(c.handler, loopback && !cfg.AllowRemote),
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       readTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          zap.NewStdLog(c.log),
 	}
@@ -270,6 +276,9 @@ func listenSocket(path, group string) (net.Listener, error) {
 			}
 		}
 	}
+	if err := checkSocketDir(dir); err != nil {
+		return nil, err
+	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("control: %s exists and is not a socket: remove it or set [control] socket elsewhere", path)
@@ -300,6 +309,30 @@ func listenSocket(path, group string) (net.Listener, error) {
 		return nil, fmt.Errorf("control: chmod the socket %s: %w", path, err)
 	}
 	return ln, nil
+}
+
+// checkSocketDir refuses a socket folder another user could use to swap
+// the socket for theirs (and so read the CLI's commands or answer them): it
+// must belong to this user or root, and must not be writable by others
+// unless sticky (like /tmp, where only a file's owner may remove it). A
+// default folder such as /tmp/ephysd-<uid> that someone else made first is
+// refused rather than used.
+func checkSocketDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("control: the socket folder %s: %w", dir, err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	if int(st.Uid) != os.Geteuid() && st.Uid != 0 {
+		return fmt.Errorf("control: the socket folder %s belongs to user id %d, not to the user ephysd runs as (%d): remove it, or set [control] socket to a folder of this user", dir, st.Uid, os.Geteuid())
+	}
+	if fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0 {
+		return fmt.Errorf("control: the socket folder %s is writable by other users (mode %#o): chmod go-w it, or set [control] socket elsewhere", dir, fi.Mode().Perm())
+	}
+	return nil
 }
 
 func lookupGroup(name string) (int, error) {
@@ -385,30 +418,6 @@ func loopbackHost(hostport string) bool {
 	return net.ParseIP(host) != nil
 }
 
-// notFoundWriter makes every 404 body empty, as the GUI's are.
-type notFoundWriter struct {
-	http.ResponseWriter
-	drop bool
-}
-
-func (w *notFoundWriter) WriteHeader(code int) {
-	if code == http.StatusNotFound {
-		w.drop = true
-		w.Header().Del("Content-Type")
-		w.Header().Del("X-Content-Type-Options")
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *notFoundWriter) Write(p []byte) (int, error) {
-	if w.drop {
-		return len(p), nil
-	}
-	return w.ResponseWriter.Write(p)
-}
-
-func (w *notFoundWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
 func (c *Control) routes() http.Handler {
 	mux := http.NewServeMux()
 	// The Open Ephys GUI's API.
@@ -441,12 +450,60 @@ func (c *Control) routes() http.Handler {
 		mux.Handle("/metrics", c.opts.Metrics)
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mux.ServeHTTP(&notFoundWriter{ResponseWriter: w}, r)
+		// Every handler reads at most maxBody bytes of the body; a body
+		// declared larger is refused before any handler runs.
+		if r.ContentLength > maxBody {
+			tooLarge(w)
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+		if _, pattern := mux.Handler(r); pattern == "" {
+			noRoute(w, r, mux)
+			return
+		}
+		mux.ServeHTTP(w, r)
 	})
 }
 
-// maxBody bounds a request body.
-const maxBody = 1 << 20
+// apiMethods are the methods tried for the Allow header of a 405.
+var apiMethods = []string{http.MethodGet, http.MethodPut, http.MethodPost, http.MethodDelete, http.MethodPatch}
+
+// noRoute answers a request no route takes: 405 with Allow when the path
+// exists for other methods, else 404; both with a plain-text reason (the
+// GUI's 404s have an empty body, which no client relies on).
+func noRoute(w http.ResponseWriter, r *http.Request, mux *http.ServeMux) {
+	var allow []string
+	for _, m := range apiMethods {
+		r2 := r.Clone(r.Context())
+		r2.Method = m
+		if _, p := mux.Handler(r2); p != "" {
+			allow = append(allow, m)
+		}
+	}
+	if len(allow) > 0 {
+		if slices.Contains(allow, http.MethodGet) {
+			allow = append(allow, http.MethodHead)
+		}
+		w.Header().Set("Allow", strings.Join(allow, ", "))
+		http.Error(w, fmt.Sprintf("method %s is not allowed on %s: use %s", r.Method, r.URL.Path, strings.Join(allow, " or ")), http.StatusMethodNotAllowed)
+		return
+	}
+	notFound(w, "no endpoint %s: ephysd answers the Open Ephys API under /api/ (status, recording, message, processors, cpu, latency, quit, window) and its own under /api/ephysd/ (status, health, reload, stages/reload); see README.md, Control from scripts", r.URL.Path)
+}
+
+// Limits of a request: its body (every request of the API is a small JSON
+// object: a larger body is refused with 413), its header, the time to read
+// it, and the text of a message (PUT /api/message).
+const (
+	maxBody         = 64 << 10
+	maxHeaderBytes  = 64 << 10
+	readTimeout     = 30 * time.Second
+	maxMessageBytes = 1024
+	// maxNameBytes bounds prepend_text + base_text + append_text: the
+	// session folder's name (with the date for an empty base_text and a
+	// _N suffix) must fit a file name's 255 bytes.
+	maxNameBytes = 200
+)
 
 func writeJSON(w http.ResponseWriter, v any) {
 	data, err := json.Marshal(v)
@@ -463,13 +520,25 @@ func badRequest(w http.ResponseWriter, format string, args ...any) {
 	http.Error(w, fmt.Sprintf(format, args...), http.StatusBadRequest)
 }
 
-func notFound(w http.ResponseWriter) { w.WriteHeader(http.StatusNotFound) }
+// tooLarge answers 413 for a body over maxBody.
+func tooLarge(w http.ResponseWriter) {
+	http.Error(w, fmt.Sprintf("request body over %d bytes refused: the API's requests are small JSON objects, e.g. {\"text\": \"…\"} (a message holds at most %d bytes)", maxBody, maxMessageBytes), http.StatusRequestEntityTooLarge)
+}
+
+// notFound answers 404 with a plain-text reason.
+func notFound(w http.ResponseWriter, format string, args ...any) {
+	http.Error(w, fmt.Sprintf(format, args...), http.StatusNotFound)
+}
 
 // readBody parses a PUT body as a JSON object whatever its Content-Type
 // (the GUI's clients send none).
 func readBody(w http.ResponseWriter, r *http.Request) (map[string]json.RawMessage, bool) {
 	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	if err != nil {
+		if mb := (*http.MaxBytesError)(nil); errors.As(err, &mb) {
+			tooLarge(w)
+			return nil, false
+		}
 		badRequest(w, "reading the request body: %v", err)
 		return nil, false
 	}
@@ -635,16 +704,102 @@ func checkEngine(w http.ResponseWriter, engine string) bool {
 	return true
 }
 
-func checkParent(w http.ResponseWriter, dir string) bool {
-	if !filepath.IsAbs(dir) {
-		badRequest(w, "parent_directory %q: give an absolute path", dir)
-		return false
-	}
-	if fi, err := os.Stat(dir); err == nil && !fi.IsDir() {
-		badRequest(w, "parent_directory %s is a file, not a folder", dir)
+// checkParent refuses a parent_directory that is not an absolute path, has
+// a NUL or a ".." element, is a file, or lies outside the folders the API
+// may record into ([control] recording_dirs, by default [recording]
+// parent_directory), also through a symbolic link.
+func (c *Control) checkParent(w http.ResponseWriter, dir string) bool {
+	if err := c.parentError(dir); err != nil {
+		badRequest(w, "parent_directory %q: %v", dir, err)
 		return false
 	}
 	return true
+}
+
+func (c *Control) parentError(dir string) error {
+	dirs := c.svc.Config().Control.RecordingDirs
+	switch {
+	case strings.IndexByte(dir, 0) >= 0:
+		return errors.New("holds a NUL character")
+	case !filepath.IsAbs(dir):
+		return errors.New("give an absolute path")
+	case slices.Contains(strings.Split(dir, "/"), ".."):
+		return errors.New(`".." is not allowed in it: give the folder's own path`)
+	case !withinDirs(dir, dirs):
+		return fmt.Errorf("recordings may go only into %s (or a folder below): add the folder to [control] recording_dirs to allow it", strings.Join(dirs, ", "))
+	}
+	if fi, err := os.Stat(dir); err == nil && !fi.IsDir() {
+		return errors.New("is a file, not a folder")
+	}
+	// The part of the path that exists, with its links followed, must stay
+	// inside too.
+	existing := filepath.Clean(dir)
+	for {
+		if _, err := os.Lstat(existing); err == nil || existing == "/" {
+			break
+		}
+		existing = filepath.Dir(existing)
+	}
+	rest, _ := filepath.Rel(existing, filepath.Clean(dir))
+	if real, err := filepath.EvalSymlinks(existing); err == nil && !withinDirs(filepath.Join(real, rest), realDirs(dirs)) {
+		return fmt.Errorf("%s leads through a link to %s, outside the folders recordings may go into (%s)", dir, filepath.Join(real, rest), strings.Join(dirs, ", "))
+	}
+	return nil
+}
+
+// checkNamePart refuses a prepend_text, base_text or append_text that
+// could make the session folder's name leave the parent folder or be no
+// file name: a '/', a NUL or other control character, or "..".
+func checkNamePart(key, v string) error {
+	for _, r := range v {
+		if r == '/' || r < 0x20 || r == 0x7f {
+			return fmt.Errorf("%s %q: a folder name part cannot hold '/' or control characters (NUL, newline…)", key, v)
+		}
+	}
+	if strings.Contains(v, "..") {
+		return fmt.Errorf("%s %q: a folder name part cannot hold \"..\"", key, v)
+	}
+	return nil
+}
+
+// checkFolderName refuses naming whose session folder name would be "." or
+// too long for a file name.
+func checkFolderName(n recording.Naming) error {
+	name := n.Prepend + n.Base + n.Append
+	if n.Base == "" {
+		name = n.Prepend + "YYYY-MM-DD_HH-MM-SS" + n.Append
+	}
+	if name == "." || name == "" {
+		return fmt.Errorf("prepend_text + base_text + append_text = %q is no folder name", name)
+	}
+	if len(name) > maxNameBytes {
+		return fmt.Errorf("prepend_text + base_text + append_text make a folder name of %d bytes: at most %d", len(name), maxNameBytes)
+	}
+	return nil
+}
+
+// checkModulePath refuses a module path that has a NUL, lies outside
+// [control] module_dirs (also through a symbolic link), or is no readable
+// regular file — before the stage is asked to load it.
+func (c *Control) checkModulePath(path string) error {
+	if strings.IndexByte(path, 0) >= 0 {
+		return fmt.Errorf("module %q holds a NUL character", path)
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return err
+	}
+	dirs := c.svc.Config().Control.ModuleDirs
+	if !withinDirs(abs, dirs) {
+		return fmt.Errorf("module %s is outside the folders modules may be loaded from (%s): add its folder to [control] module_dirs", abs, strings.Join(dirs, ", "))
+	}
+	if err := checkModuleFile(abs); err != nil {
+		return fmt.Errorf("module %w", err)
+	}
+	if real, err := filepath.EvalSymlinks(abs); err == nil && !withinDirs(real, realDirs(dirs)) {
+		return fmt.Errorf("module %s is a link to %s, outside the folders modules may be loaded from (%s)", abs, real, strings.Join(dirs, ", "))
+	}
+	return nil
 }
 
 func (c *Control) putRecording(w http.ResponseWriter, r *http.Request) {
@@ -670,12 +825,12 @@ func (c *Control) putRecording(w http.ResponseWriter, r *http.Request) {
 			if v == "" {
 				continue
 			}
-			if !checkParent(w, v) {
+			if !c.checkParent(w, v) {
 				return
 			}
 			v = filepath.Clean(v)
-		} else if strings.ContainsAny(v, "/\x00") {
-			badRequest(w, "%s %q: a folder name part cannot contain '/'", f.key, v)
+		} else if err := checkNamePart(f.key, v); err != nil {
+			badRequest(w, "%v", err)
 			return
 		}
 		*f.dst = v
@@ -700,6 +855,10 @@ func (c *Control) putRecording(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if err := checkFolderName(n); changed && err != nil {
+		badRequest(w, "%v", err)
+		return
+	}
 	if changed {
 		sess.SetNaming(n)
 		c.log.Info("control: recording naming set", zap.String("parent_directory", n.Parent), zap.String("prepend_text", n.Prepend),
@@ -715,7 +874,7 @@ func (c *Control) putRecording(w http.ResponseWriter, r *http.Request) {
 func (c *Control) putRecordNode(w http.ResponseWriter, r *http.Request) {
 	id, err := strconv.Atoi(r.PathValue("node"))
 	if err != nil || id != c.svc.Session().RecordNodeID() {
-		notFound(w)
+		notFound(w, "no record node %q: ephysd's record node is %d", r.PathValue("node"), c.svc.Session().RecordNodeID())
 		return
 	}
 	body, ok := readBody(w, r)
@@ -732,7 +891,7 @@ func (c *Control) putRecordNode(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if present && dir != "" {
-		if !checkParent(w, dir) {
+		if !c.checkParent(w, dir) {
 			return
 		}
 		c.setParent(r, filepath.Clean(dir))
@@ -761,6 +920,14 @@ func (c *Control) putMessage(w http.ResponseWriter, r *http.Request) {
 	}
 	if !present {
 		badRequest(w, "the request needs \"text\"")
+		return
+	}
+	if len(text) > maxMessageBytes {
+		badRequest(w, "the message text is %d bytes: at most %d (messages are short notes stamped with a sample number)", len(text), maxMessageBytes)
+		return
+	}
+	if strings.IndexByte(text, 0) >= 0 {
+		badRequest(w, "the message text holds a NUL character, which text.npy cannot keep")
 		return
 	}
 	if err := c.svc.Message(text); err != nil {
@@ -807,7 +974,7 @@ const (
 type processor struct {
 	processorJSON
 	kind  procKind
-	stage *pyrt.Stage // procStage, when loaded
+	stage PythonStage // procStage, when loaded
 }
 
 // processors models ephysd as a signal chain: the source, the Python
@@ -876,24 +1043,27 @@ func (c *Control) processors() []processor {
 // findProcessor finds {id} (and {stream}, when the route has one: only
 // stream 0 exists); nil after a 404.
 func (c *Control) findProcessor(w http.ResponseWriter, r *http.Request) *processor {
+	procs := c.processors()
 	id, err := strconv.Atoi(r.PathValue("id"))
-	if err != nil {
-		notFound(w)
-		return nil
-	}
-	for _, p := range c.processors() {
-		if p.ID != id {
-			continue
-		}
-		if s := r.PathValue("stream"); s != "" {
-			if i, err := strconv.Atoi(s); err != nil || i != 0 || len(p.Streams) == 0 {
-				notFound(w)
-				return nil
+	if err == nil {
+		for _, p := range procs {
+			if p.ID != id {
+				continue
 			}
+			if s := r.PathValue("stream"); s != "" {
+				if i, err := strconv.Atoi(s); err != nil || i != 0 || len(p.Streams) == 0 {
+					notFound(w, "processor %d has no stream %q: its one stream is 0 (while acquiring)", p.ID, s)
+					return nil
+				}
+			}
+			return &p
 		}
-		return &p
 	}
-	notFound(w)
+	ids := make([]string, len(procs))
+	for i, p := range procs {
+		ids[i] = strconv.Itoa(p.ID)
+	}
+	notFound(w, "no processor %q: the processors are %s (GET /api/processors)", r.PathValue("id"), strings.Join(ids, ", "))
 	return nil
 }
 
@@ -955,7 +1125,20 @@ func (c *Control) getParameter(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, prm)
 		return
 	}
-	notFound(w)
+	notFoundParameter(w, r, p)
+}
+
+// notFoundParameter answers 404 for an unknown parameter of p.
+func notFoundParameter(w http.ResponseWriter, r *http.Request, p *processor) {
+	var names []string
+	for _, prm := range parametersOf(r, p) {
+		names = append(names, prm.Name)
+	}
+	have := "none"
+	if len(names) > 0 {
+		have = strings.Join(names, ", ")
+	}
+	notFound(w, "processor %d has no parameter %q: its parameters are %s", p.ID, r.PathValue("name"), have)
 }
 
 func (c *Control) putParameter(w http.ResponseWriter, r *http.Request) {
@@ -965,7 +1148,7 @@ func (c *Control) putParameter(w http.ResponseWriter, r *http.Request) {
 	}
 	name := r.PathValue("name")
 	if findParameter(parametersOf(r, p), name) == nil {
-		notFound(w)
+		notFoundParameter(w, r, p)
 		return
 	}
 	body, ok := readBody(w, r)
@@ -989,6 +1172,12 @@ func (c *Control) putParameter(w http.ResponseWriter, r *http.Request) {
 			// Relative to the stage's current module's folder.
 			path = filepath.Join(filepath.Dir(findParameter(p.Parameters, "module").Value), path)
 		}
+		if err := c.checkModulePath(path); err != nil {
+			c.log.Warn("control: stage module change refused", zap.Int("stage", p.ID), zap.String("module", path),
+				zap.String("remote", remote(r)), zap.Error(err))
+			badRequest(w, "%v", err)
+			return
+		}
 		if err := c.svc.SetStageModule(p.ID, path); err != nil {
 			c.keepTraceback(p.ID, err)
 			c.log.Warn("control: stage module change refused or failed", zap.Int("stage", p.ID), zap.String("module", path),
@@ -998,7 +1187,7 @@ func (c *Control) putParameter(w http.ResponseWriter, r *http.Request) {
 		}
 		c.log.Info("control: stage module changed", zap.Int("stage", p.ID), zap.String("module", path), zap.String("remote", remote(r)))
 	case p.kind == procRecordNode && name == "parent_directory":
-		if !checkParent(w, value) {
+		if !c.checkParent(w, value) {
 			return
 		}
 		c.setParent(r, filepath.Clean(value))
@@ -1012,7 +1201,7 @@ func (c *Control) putParameter(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	notFound(w)
+	notFound(w, "processor %d went away while its parameter was set", p.ID)
 }
 
 func (c *Control) keepTraceback(id int, err error) {

@@ -67,7 +67,8 @@ parent_directory = %q
 [control]
 http = "127.0.0.1:0"
 socket = %q
-%s`, sim, mod, filepath.Join(dir, "recs"), filepath.Join(sockDir, "control.sock"), extra)
+recording_dirs = [%q]
+%s`, sim, mod, filepath.Join(dir, "recs"), filepath.Join(sockDir, "control.sock"), dir, extra)
 	cfgPath := filepath.Join(dir, "ephysd.toml")
 	os.WriteFile(cfgPath, []byte(doc), 0o644)
 	cfg, err := LoadConfig(cfgPath)
@@ -320,7 +321,7 @@ func raw(t testing.TB, method, url, body string, header map[string]string) (int,
 	return resp.StatusCode, string(data), resp.Header
 }
 
-// The API's errors: 404 with an empty body, 400 with a reason, 405 with
+// The API's errors: 404 and 400 with a reason, 405 with
 // Allow, module changes limited to module_dirs, read-only parameters.
 func TestAPIErrors(t *testing.T) {
 	at := newAPITest(t, "", "")
@@ -330,8 +331,8 @@ func TestAPIErrors(t *testing.T) {
 		if got != code {
 			t.Fatalf("%s %s %s: %d %q, want %d", method, path, body, got, text, code)
 		}
-		if code == http.StatusNotFound && text != "" {
-			t.Fatalf("%s %s: 404 with body %q, want empty", method, path, text)
+		if code == http.StatusNotFound && text == "" {
+			t.Fatalf("%s %s: 404 with an empty body, want a reason", method, path)
 		}
 		if !strings.Contains(text, contains) {
 			t.Fatalf("%s %s %s: %q does not say %q", method, path, body, text, contains)

@@ -27,9 +27,9 @@ const passThroughModule = `class PyProcessor:
 `
 
 // benchParts are the parts of `ephysd bench`, in the order they run.
-var benchParts = []string{"latency", "throughput", "python", "recorder", "footprint", "calls"}
+var benchParts = []string{"latency", "throughput", "python", "recorder", "footprint", "calls", "isolation"}
 
-const benchUsage = `Usage: ephysd bench [flags] [latency|throughput|python|recorder|footprint|calls|all …]
+const benchUsage = `Usage: ephysd bench [flags] [latency|throughput|python|recorder|footprint|calls|isolation|all …]
 
 Measures ephysd's performance figures in one run and prints them as tables
 (default: all parts, under 10 minutes on 2 cores):
@@ -43,6 +43,8 @@ Measures ephysd's performance figures in one run and prints them as tables
               volume to the same disk: MB/s, ratio, CPU per MB
   footprint   RSS and CPU% of an ephysd process at 32 and 384 channels × 30 kHz
   calls       Go→Python call overhead, Go allocations per block, process speed
+  isolation   per-block cost of a stage in a worker process (isolation =
+              "process") against the same stage in ephysd, 64 and 384 channels
 
 Flags:
 `
@@ -189,6 +191,13 @@ func benchCommand(args []string, stdout, stderr io.Writer) error {
 			if err == nil {
 				res.Calls = &c
 				callsTable(c).text(stdout)
+				res.ran = append(res.ran, part)
+			}
+		case "isolation":
+			section("isolated Python stages")
+			res.Isolation, err = BenchIsolation(o.isolationOptions(rt))
+			if err == nil {
+				isolationTable(res.Isolation).text(stdout)
 				res.ran = append(res.ran, part)
 			}
 		}

@@ -1043,6 +1043,7 @@ type suiteResults struct {
 	Recorder   *RecorderResult
 	Footprint  []FootprintResult
 	Calls      *CallsResult
+	Isolation  []IsolationResult
 }
 
 // Latency goals of ephysd, closed loop with Python while recording.
@@ -1093,6 +1094,11 @@ func (r *suiteResults) goals() benchTable {
 				t.add("ephysd process, 384 ch, pass-through: ≥ 10× real time", fmt.Sprintf("%.1f×", p.Speed), met(p.Speed >= 10))
 			}
 		}
+	}
+	for _, i := range r.Isolation {
+		t.add(fmt.Sprintf("isolated stage, %d × %d block, pass-through: ≤ 20 µs extra per block (mean)", i.Channels, i.Samples),
+			fmt.Sprintf("%s (p50 %s, p99 %s)", fmtSignedDur(i.ExtraMean), fmtSignedDur(i.ExtraP50), fmtSignedDur(i.ExtraP99)),
+			met(i.ExtraMean <= goalIsolationExtra))
 	}
 	return t
 }
@@ -1311,6 +1317,14 @@ func writeResultsSection(w *bytes.Buffer, docPath, command string, m machineInfo
 		fmt.Fprintln(w, "### Go→Python calls, allocations, process speed")
 		fmt.Fprintln(w)
 		callsTable(*r.Calls).markdown(w)
+		fmt.Fprintln(w)
+	}
+	if len(r.Isolation) > 0 {
+		fmt.Fprintln(w, "### Isolated Python stages")
+		fmt.Fprintln(w)
+		t := isolationTable(r.Isolation)
+		fmt.Fprintf(w, "%s:\n\n", t.Title)
+		t.markdown(w)
 		fmt.Fprintln(w)
 	}
 	fmt.Fprintln(w, "### Anchors")

@@ -4,12 +4,15 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/ephysd/ephysd/drivers"
 	"github.com/ephysd/ephysd/pipeline"
+	"github.com/ephysd/ephysd/pipeline/spikedetect"
 	"github.com/ephysd/ephysd/pyrt"
 	"github.com/ephysd/ephysd/recording"
 )
@@ -30,8 +33,9 @@ type Chain struct {
 	Info         pipeline.StreamInfo
 	BlockSamples int
 	Pool         *pipeline.Pool
-	Python       *pyrt.Runtime // nil without stages
-	Stages       []*pyrt.Stage
+	Python       *pyrt.Runtime // nil without stages in ephysd's interpreter
+	Stages       []PythonStage
+	Spikes       *spikedetect.Detector // the built-in spike detector; nil without [spikes]
 	Recorder     *recording.Recorder
 	Session      *recording.Session
 	Runner       *pipeline.Runner
@@ -53,7 +57,14 @@ type Chain struct {
 type ChainOptions struct {
 	Session *recording.Session
 	// Stages returns the Python stages for a stream (nil: LoadStages).
-	Stages func(info pipeline.StreamInfo) (*pyrt.Runtime, []*pyrt.Stage, error)
+	Stages func(info pipeline.StreamInfo) (*pyrt.Runtime, []PythonStage, error)
+	// RecordingFailed, if set, is told when a write error (a full disk)
+	// stopped a recording; acquisition, the stages and the outputs go on
+	// (recording.Config.OnError). Nil: a write error ends the acquisition.
+	RecordingFailed func(rec pipeline.Recording, err error)
+	// RecordingOpenFile, if set, opens the recording's data files
+	// (recording.Config.OpenFile): tests put a fault-injecting disk there.
+	RecordingOpenFile func(name string, flag int, perm os.FileMode) (recording.File, error)
 }
 
 // NewChain opens the source, loads the Python stages and prepares the
@@ -130,17 +141,36 @@ func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, er
 	if depth < 4 {
 		depth = 4
 	}
-	c.Pool, err = pipeline.NewPool(pipeline.PoolSizeFor(depth, cfg.Recording.RecordRaw), len(c.Info.Channels), c.BlockSamples)
+	stageDepth := depth
+	if stall := pythonStall(cfg); stall > 0 && c.Realtime && !cfg.Pipeline.Inline {
+		// A live source keeps delivering while a Python call hangs until
+		// the watchdog ends it: the queue before the stages holds that long
+		// and a margin to catch up, so a hung script leaves no gap.
+		need := stall + pythonStallMargin
+		if n := int(math.Ceil(float64(need.Milliseconds()) / blockDur)); n > depth {
+			stageDepth = n
+			log.Info("the queue before the Python stages holds python.block_timeout_ms and the time to end a hung call, so a hung script loses no block",
+				zap.Duration("stage_queue", need), zap.Float64("queue_ms", cfg.Pipeline.QueueMS), zap.Float64("block_timeout_ms", cfg.Python.BlockTimeoutMS))
+		}
+	}
+	c.Pool, err = pipeline.NewPool(pipeline.PoolSizeFor(depth, cfg.Recording.RecordRaw)+stageDepth-depth, len(c.Info.Channels), c.BlockSamples)
 	if err != nil {
 		return nil, err
 	}
 
 	var stages []pipeline.Stage
 	var eventChannels []recording.EventChannel
+	// The spike detector runs first, so Python stages get its spikes.
+	var spikeSources []recording.SpikeSource
+	if c.Spikes, spikeSources, err = newSpikeDetector(cfg, c.Info, c.BlockSamples); err != nil {
+		return nil, err
+	} else if c.Spikes != nil {
+		stages = append(stages, c.Spikes)
+	}
 	if len(cfg.Stages) > 0 {
 		load := opts.Stages
 		if load == nil {
-			load = func(info pipeline.StreamInfo) (*pyrt.Runtime, []*pyrt.Stage, error) {
+			load = func(info pipeline.StreamInfo) (*pyrt.Runtime, []PythonStage, error) {
 				return LoadStages(cfg, info, nil, log)
 			}
 		}
@@ -148,7 +178,10 @@ func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, er
 		if err != nil {
 			return nil, err
 		}
-		c.Python.RegisterEventChannel(c.Info.ProcessorID, ttlChannelName(c.Info))
+		if c.Python != nil {
+			c.Python.RegisterEventChannel(c.Info.ProcessorID, ttlChannelName(c.Info))
+		}
+		registerEventChannels(c)
 		for _, st := range c.Stages {
 			if st.ID() == c.Info.ProcessorID {
 				return nil, fmt.Errorf("stage %s: processor id %d is the source's", st.Name(), st.ID())
@@ -186,7 +219,10 @@ func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, er
 	}
 	c.Recorder, err = recording.NewRecorder(recording.Config{
 		Stream: c.Info, RecordNodeID: nodeID, RecordRaw: cfg.Recording.RecordRaw,
-		EventChannels: eventChannels, Log: log,
+		EventChannels: eventChannels, SpikeSources: spikeSources, Log: log,
+		CheckpointInterval: time.Duration(cfg.Recording.FlushMS) * time.Millisecond,
+		Fsync:              recording.FsyncPolicy(cfg.Recording.Fsync),
+		OnError:            opts.RecordingFailed, OpenFile: opts.RecordingOpenFile,
 	})
 	if err != nil {
 		return nil, err
@@ -194,7 +230,7 @@ func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, er
 	rc := pipeline.RunnerConfig{
 		Source: c.Source, SourceID: c.Info.ProcessorID, Pool: c.Pool, Stages: stages,
 		EventSinks: sinks, Consumers: []pipeline.Consumer{c.Recorder}, KeepRaw: cfg.Recording.RecordRaw,
-		QueueDepth: depth, Backpressure: !c.Realtime, Inline: cfg.Pipeline.Inline,
+		QueueDepth: depth, StageQueueDepth: stageDepth, Backpressure: !c.Realtime, Inline: cfg.Pipeline.Inline,
 		Interrupt: func() { _ = c.Source.Stop() }, Log: log,
 	}
 	if rt := cfg.Realtime; rt.Priority > 0 || len(rt.CPUs) > 0 {
@@ -222,34 +258,62 @@ func StartPython(cfg *Config, log *zap.Logger) (*pyrt.Runtime, error) {
 
 // LoadStages makes the Python stages of cfg for a stream. Stages given in
 // keep (from an earlier acquisition) are reused when they have the same
-// module and the stream the same shape, and re-initialised (__init__ with
-// the new channel count and rate) when only the shape changed, as Open
-// Ephys does. A module that fails to import leaves its stage passing data
-// through; a missing file is an error.
-func LoadStages(cfg *Config, info pipeline.StreamInfo, keep []*pyrt.Stage, log *zap.Logger) (*pyrt.Runtime, []*pyrt.Stage, error) {
-	rt, err := StartPython(cfg, log)
-	if err != nil {
-		return nil, nil, err
+// module and isolation and the stream the same shape, and re-initialised
+// (__init__ with the new channel count and rate) when only the shape
+// changed, as Open Ephys does; the isolated ones not reused are closed
+// (their workers stop). A module that fails to import leaves its stage
+// passing data through; a missing file is an error. The runtime is nil
+// when every stage is isolated.
+func LoadStages(cfg *Config, info pipeline.StreamInfo, keep []PythonStage, log *zap.Logger) (_ *pyrt.Runtime, _ []PythonStage, err error) {
+	var rt *pyrt.Runtime
+	if needsInterpreter(cfg) {
+		if rt, err = StartPython(cfg, log); err != nil {
+			return nil, nil, err
+		}
 	}
-	var out []*pyrt.Stage
+	var out, made []PythonStage
+	defer func() {
+		if err != nil {
+			for _, st := range made {
+				closeStage(st)
+			}
+		}
+	}()
 	for i, sc := range cfg.Stages {
 		id := firstStageID + i
 		want := pyrt.StageConfig{
 			ID: id, Name: sc.Name, Path: sc.Module, Channels: len(info.Channels),
 			SampleRate: info.SampleRate, OnError: pyrt.OnError(sc.OnError),
 		}
-		if i < len(keep) && keep[i].SameModule(want) {
+		isolate := sc.Isolation == IsolationProcess
+		if i < len(keep) && keep[i].SameModule(want) && isolatedStage(keep[i]) == isolate {
 			if err := keep[i].Reshape(want.Channels, want.SampleRate); err != nil {
 				log.Warn("python stage could not be re-initialised for the new stream", zap.String("stage", keep[i].Name()), zap.Error(err))
 			}
 			out = append(out, keep[i])
 			continue
 		}
-		st, err := rt.NewStage(want)
-		if st == nil {
-			return nil, nil, err
+		var st PythonStage
+		if isolate {
+			iso, err := newIsolatedStage(cfg, want, blockSamplesFor(cfg, info), log)
+			if iso == nil {
+				return nil, nil, err
+			}
+			st = iso
+		} else {
+			in, err := rt.NewStage(want)
+			if in == nil {
+				return nil, nil, err
+			}
+			st = in
 		}
+		made = append(made, st)
 		out = append(out, st)
+	}
+	for _, k := range keep {
+		if !slices.Contains(out, k) {
+			closeStage(k)
+		}
 	}
 	return rt, out, nil
 }
@@ -257,6 +321,20 @@ func LoadStages(cfg *Config, info pipeline.StreamInfo, keep []*pyrt.Stage, log *
 // loggerSetter is implemented by drivers (configurations or sources) that
 // log what their device does (lost packets, messages).
 type loggerSetter interface{ SetLogger(*zap.Logger) }
+
+// pythonStallMargin is what the queue before the Python stages holds
+// beyond the longest a hung call can stall them (pythonStall): time to
+// catch up.
+const pythonStallMargin = 500 * time.Millisecond
+
+// pythonStall is the longest one hung Python call can hold up the stages
+// (pyrt.MaxStall of the block timeout); 0 without stages or timeout.
+func pythonStall(cfg *Config) time.Duration {
+	if len(cfg.Stages) == 0 {
+		return 0
+	}
+	return pyrt.MaxStall(blockTimeout(cfg.Python.BlockTimeoutMS))
+}
 
 func blockTimeout(ms float64) time.Duration {
 	if ms == 0 {

@@ -53,13 +53,23 @@ Usage:
       Run Python modules over a simulated or recorded session as fast as possible,
       write an Open Ephys recording into DIR and print a summary.
 
+  ephysd recover DIR...
+      Make the recordings at or below each DIR consistent after a crash, kill,
+      power cut or full disk (ephysd run does it at start for its own folders);
+      print what was fixed. Exit status 1 if a recording could not be fixed.
+
   ephysd devices
       List the serial ports and USB devices ephysd recognises, the driver that
       would take each, and whether this user may open it.
 
-  ephysd bench [--quick|--long] [latency|throughput|python|recorder|footprint|calls|all]
+  ephysd bench [--quick|--long] [latency|throughput|python|recorder|footprint|calls|isolation|all]
       The performance suite: closed-loop latency, throughput search, Python
       overhead, recorder rate, footprint; prints tables (see docs/PERFORMANCE.md).
+
+  ephysd soak [--duration 10m] [--channels 384] [--module FILE] [--write-doc FILE]
+      Run the daemon (a child) on the simulated headstage through the module,
+      recording, polling its API; report overruns, gaps, RSS drift, goroutines,
+      threads, files and CPU, and exit 1 if a goal is missed (docs/RELIABILITY.md).
 
   ephysd version
 `
@@ -81,8 +91,12 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = processCommand(args[1:], stdout, stderr)
 	case "bench":
 		err = benchCommand(args[1:], stdout, stderr)
+	case "soak":
+		err = soakCommand(args[1:], stdout, stderr)
 	case "devices":
 		err = devicesCommand(args[1:], stdout, stderr)
+	case "recover":
+		err = recoverCommand(args[1:], stdout, stderr)
 	case "status", "acquire", "record", "stop", "idle", "message", "reload", "stages":
 		err = clientCommand(args[0], args[1:], stdout, stderr)
 	case "version", "--version":
@@ -396,6 +410,9 @@ func printSummary(w io.Writer, c *Chain) {
 	fmt.Fprintf(w, "blocks      %d read, %d processed\n", st.Blocks, st.Processed)
 	fmt.Fprintf(w, "samples     %d (%.3f s of data)\n", st.Samples, secs)
 	fmt.Fprintf(w, "events      %d\n", st.Events)
+	if c.Spikes != nil {
+		printSpikes(w, c)
+	}
 	fmt.Fprintf(w, "overruns    %d blocks (%d samples dropped)\n", st.OverrunBlocks, st.OverrunSamples)
 	if st.Gaps > 0 {
 		fmt.Fprintf(w, "gaps        %d in the source (%d samples missing)\n", st.Gaps, st.GapSamples)
@@ -410,7 +427,7 @@ func printSummary(w io.Writer, c *Chain) {
 		fmt.Fprintf(w, "output %d    connected=%v  disconnects %d  blocks of events dropped while away %d\n", i+1, d.Connected, d.Disconnects, o.Dropped())
 	}
 	for i, s := range c.Stages {
-		h := c.Runner.StageTime(i)
+		h := c.PythonStageTime(i)
 		status := s.Status()
 		fmt.Fprintf(w, "python      %s [%s]: per block p50 %s  p99 %s  max %s", status.Name, status.State,
 			fmtDur(h.Quantile(0.5)), fmtDur(h.Quantile(0.99)), fmtDur(h.Max()))

@@ -527,6 +527,16 @@ func renderStages(w io.Writer, st *ControlStatus, prefix string) {
 		if s.Retained {
 			fmt.Fprint(w, "  (keeps a reference to a data array)")
 		}
+		if wk := s.Worker; wk != nil {
+			if wk.PID != 0 {
+				fmt.Fprintf(w, "  worker pid %d", wk.PID)
+			} else {
+				fmt.Fprint(w, "  worker down")
+			}
+			if wk.Restarts > 0 {
+				fmt.Fprintf(w, ", %d restarts", wk.Restarts)
+			}
+		}
 		fmt.Fprintf(w, "\n%s    %s\n", pad, s.Path)
 	}
 }

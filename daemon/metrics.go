@@ -12,7 +12,6 @@ import (
 
 	"github.com/ephysd/ephysd/drivers"
 	"github.com/ephysd/ephysd/pipeline"
-	"github.com/ephysd/ephysd/pyrt"
 )
 
 // Metrics exports the daemon's counters, gauges and timing histograms in
@@ -47,7 +46,7 @@ type Metrics struct {
 	mu     sync.Mutex
 	chain  *Chain      // the chain seen at the last scrape
 	done   chainTotals // sum over the chains that ended
-	stages map[*pyrt.Stage]string
+	stages map[PythonStage]string
 	// stageErrorsDone are the exceptions of stage objects that were
 	// replaced, by stage name.
 	stageErrorsDone map[string]uint64
@@ -87,6 +86,10 @@ var (
 		"1 while a device (live source, [[input]] or [[output]]) of the running acquisition is connected, 0 while ephysd tries to reopen it.", []string{"device"}, nil)
 	descDisconnects = prometheus.NewDesc("ephysd_device_disconnects_total",
 		"Times a device went away (it is then reopened with backoff).", []string{"device"}, nil)
+	descDiscarded = prometheus.NewDesc("ephysd_device_discarded_bytes_total",
+		"Bytes from a device that belonged to no good frame (garbage, truncated or corrupted frames), dropped by the driver's parser while it found the next good frame. The samples lost with them are counted as gaps.", []string{"device"}, nil)
+	descResyncs = prometheus.NewDesc("ephysd_device_resyncs_total",
+		"Times a device's byte stream lost the frame boundary (a garbage burst, a truncated or corrupted frame) and the driver's parser found the next good frame.", []string{"device"}, nil)
 	descDropped = prometheus.NewDesc("ephysd_output_dropped_event_blocks_total",
 		"Blocks whose events could not be sent to an output device (it was disconnected or behind).", []string{"device"}, nil)
 	descPyExceptions = prometheus.NewDesc("ephysd_python_exceptions_total",
@@ -97,8 +100,16 @@ var (
 		"Time a Python stage took per block, in seconds.", []string{"stage"}, nil)
 	descLatency = prometheus.NewDesc("ephysd_block_latency_seconds",
 		"Closed-loop latency inside ephysd per block, in seconds: from the source delivering the block to its events having reached the output devices.", nil, nil)
+	descRecordingFailed = prometheus.NewDesc("ephysd_recording_failed",
+		"1 when the last recording stopped by itself on a write error (a full disk: see recording_error in /api/ephysd/status), until the next record start; acquisition, Python and the outputs go on.", nil, nil)
+	descRecordingFailures = prometheus.NewDesc("ephysd_recording_failures_total",
+		"Recordings stopped by a write error (a full disk) since ephysd started.", nil, nil)
 	descCheckpoint = prometheus.NewDesc("ephysd_recorder_checkpoint_seconds",
 		"Time a recorder checkpoint took, in seconds: writing the buffered data and the .npy headers, and structure.oebin (synced) when it changed. About one per second while recording.", nil, nil)
+	descSpikes = prometheus.NewDesc("ephysd_spikes_total",
+		"Spikes the built-in spike detector found, per electrode ([spikes]).", []string{"electrode"}, nil)
+	descSpikesCut = prometheus.NewDesc("ephysd_spikes_cut_total",
+		"Spikes the detector dropped because their waveform would have spanned a gap in the samples, the start or the end of acquisition.", nil, nil)
 )
 
 // NewMetrics returns the metrics of svc.
@@ -107,7 +118,7 @@ func NewMetrics(svc *Service) *Metrics {
 		svc:             svc,
 		reg:             prometheus.NewRegistry(),
 		done:            newChainTotals(),
-		stages:          map[*pyrt.Stage]string{},
+		stages:          map[PythonStage]string{},
 		stageErrorsDone: map[string]uint64{},
 	}
 	m.reg.MustRegister(
@@ -134,8 +145,9 @@ func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descSamples, descBlocks, descOverrunBlocks, descOverrunSamples, descGaps, descGapSamples, descEvents,
-		descMode, descQueue, descConnected, descDisconnects, descDropped, descPyExceptions, descRecorderBytes,
-		descStageSeconds, descLatency, descCheckpoint,
+		descMode, descQueue, descConnected, descDisconnects, descDiscarded, descResyncs, descDropped, descPyExceptions, descRecorderBytes,
+		descStageSeconds, descLatency, descCheckpoint, descRecordingFailed, descRecordingFailures,
+		descSpikes, descSpikesCut,
 	} {
 		ch <- d
 	}
@@ -175,6 +187,17 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 	counter(descGapSamples, tot.gapSamples)
 	counter(descEvents, tot.events)
 	counter(descRecorderBytes, tot.recorderBytes)
+	for name, v := range tot.spikes {
+		counter(descSpikes, v, name)
+	}
+	counter(descSpikesCut, tot.spikesCut)
+	recErr, recFailures := m.svc.RecordingFailure()
+	failed := 0.0
+	if recErr != "" {
+		failed = 1
+	}
+	gauge(descRecordingFailed, failed)
+	counter(descRecordingFailures, recFailures)
 	for _, md := range []Mode{Idle, Acquire, Record} {
 		v := 0.0
 		if md == mode {
@@ -198,6 +221,10 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 	for name, v := range tot.disconnects {
 		counter(descDisconnects, v, name)
 	}
+	for name, v := range tot.link {
+		counter(descDiscarded, v.DiscardedBytes, name)
+		counter(descResyncs, v.Resyncs, name)
+	}
 	for name, v := range tot.dropped {
 		counter(descDropped, v, name)
 	}
@@ -215,8 +242,8 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 // stage objects the service has dropped since (read once more when they
 // disappear: nothing runs them any more, so their counts are final) plus
 // those of the current ones. m.mu is held.
-func (m *Metrics) pythonErrors(current []*pyrt.Stage) map[string]uint64 {
-	live := make(map[*pyrt.Stage]bool, len(current))
+func (m *Metrics) pythonErrors(current []PythonStage) map[string]uint64 {
+	live := make(map[PythonStage]bool, len(current))
 	for _, st := range current {
 		live[st] = true
 	}
@@ -242,14 +269,18 @@ type chainTotals struct {
 	samples, blocks, overrunBlocks, overrunSamples uint64
 	gaps, gapSamples, events, recorderBytes        uint64
 	disconnects, dropped                           map[string]uint64 // by device
+	link                                           map[string]drivers.LinkStats
 	stageTime                                      map[string]*histTotal
 	latency, checkpoint                            histTotal
+	spikes                                         map[string]uint64 // by electrode
+	spikesCut                                      uint64
 }
 
 func newChainTotals() chainTotals {
 	return chainTotals{
 		disconnects: map[string]uint64{}, dropped: map[string]uint64{}, stageTime: map[string]*histTotal{},
-		latency: newHistTotal(), checkpoint: newHistTotal(),
+		link:    map[string]drivers.LinkStats{},
+		latency: newHistTotal(), checkpoint: newHistTotal(), spikes: map[string]uint64{},
 	}
 }
 
@@ -270,7 +301,7 @@ func readChain(c *Chain) chainTotals {
 			h = &nh
 			t.stageTime[st.Name()] = h
 		}
-		h.addHistogram(c.Runner.StageTime(i))
+		h.addHistogram(c.PythonStageTime(i))
 	}
 	rs := c.Runner.Stats()
 	t.samples, t.blocks = rs.Samples, rs.Blocks
@@ -278,9 +309,16 @@ func readChain(c *Chain) chainTotals {
 	t.gaps, t.gapSamples, t.events = rs.Gaps, rs.GapSamples, rs.Events
 	for _, d := range chainDevices(c) {
 		t.disconnects[d.name] += d.state.Disconnects
+		t.link[d.name] = t.link[d.name].Add(d.state.Link)
 	}
 	for i, o := range c.Outputs {
 		t.dropped[outputName(c, i)] += o.Dropped()
+	}
+	for _, e := range c.spikeCounts() {
+		t.spikes[e.Electrode] += e.Spikes
+	}
+	if c.Spikes != nil {
+		t.spikesCut = c.Spikes.Cut()
 	}
 	return t
 }
@@ -295,8 +333,15 @@ func (t *chainTotals) add(o chainTotals) {
 	t.gapSamples += o.gapSamples
 	t.events += o.events
 	t.recorderBytes += o.recorderBytes
+	t.spikesCut += o.spikesCut
+	for k, v := range o.spikes {
+		t.spikes[k] += v
+	}
 	for k, v := range o.disconnects {
 		t.disconnects[k] += v
+	}
+	for k, v := range o.link {
+		t.link[k] = t.link[k].Add(v)
 	}
 	for k, v := range o.dropped {
 		t.dropped[k] += v

@@ -406,6 +406,20 @@ http = ""
 		t.Fatalf("%s disconnects = %v before unplugging", dev, v)
 	}
 	pp.WaitMessages(1, 2*time.Second) // it triggers
+	// Garbage among its replies reaches the device's link counters.
+	if err := pp.Send([]byte{0x55, 0x66, 0x77}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		s = doScrape(t, m)
+		if s.value(t, "ephysd_device_discarded_bytes_total", "device", dev) == 3 && s.value(t, "ephysd_device_resyncs_total", "device", dev) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s after 3 bytes of garbage: discarded %v, resyncs %v", dev,
+				s.value(t, "ephysd_device_discarded_bytes_total", "device", dev), s.value(t, "ephysd_device_resyncs_total", "device", dev))
+		}
+	}
 	pp.Unplug()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		s = doScrape(t, m)
@@ -422,6 +436,9 @@ http = ""
 	}
 	if v := s.value(t, "ephysd_device_connected", "device", dev); v != 0 {
 		t.Errorf("%s connected = %v after unplugging", dev, v)
+	}
+	if v := s.value(t, "ephysd_device_discarded_bytes_total", "device", dev); v != 3 {
+		t.Errorf("%s discarded bytes = %v after unplugging, want the 3 counted before", dev, v)
 	}
 	// The counts outlive the chain.
 	if err := svc.SetMode(Idle); err != nil {

@@ -54,6 +54,7 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 	}
 	defer log.Sync()
 	t0 := time.Now()
+	recoverAtStart(cfg, log)
 
 	ctx, cancel := signalContext()
 	defer cancel()
@@ -182,6 +183,8 @@ func waitFirstBlock(svc *Service, limit time.Duration) error {
 func systemdStatus(svc *Service) string {
 	st := svc.Status()
 	switch {
+	case st.RecordingError != "" && st.Pipeline != nil:
+		return fmt.Sprintf("%s — recording FAILED: %s", st.Mode, st.RecordingError)
 	case st.Pipeline == nil:
 		return string(st.Mode)
 	case st.Recording != nil:

@@ -50,8 +50,8 @@ func TestRunUnderSystemdNotify(t *testing.T) {
 			mu.Unlock()
 		}
 	}()
-	// The stage blocks inside C (time.sleep) for 3 s after 1 s of data: the
-	// TimeoutError watchdog cannot interrupt that, so the pipeline stalls.
+	// The stage sleeps for 3.5 s after 1 s of data, with the block timeout
+	// off (it would interrupt the sleep at 2 s): the pipeline stalls.
 	mod := filepath.Join(dir, "stall.py")
 	os.WriteFile(mod, []byte(`
 import time
@@ -71,6 +71,8 @@ driver = "sim"
 channels = 4
 [[stage]]
 module = %q
+[python]
+block_timeout_ms = 0
 [recording]
 parent_directory = "recs"
 [control]

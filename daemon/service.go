@@ -47,13 +47,20 @@ type Service struct {
 	cfg     *Config
 	session *recording.Session
 	python  *pyrt.Runtime
-	stages  []*pyrt.Stage
+	stages  []PythonStage
 	chain   *Chain
 	mode    Mode
 	recAt   time.Time           // when the current recording started
 	rec     *pipeline.Recording // the current (or last) recording
 	lastErr string              // why acquisition last ended by itself
 	started time.Time
+	// recErr is why the last recording stopped by itself (a full disk),
+	// until the next record start; recFailures counts such stops.
+	recErr      string
+	recFailures uint64
+	// recordingOpenFile opens the recordings' data files (nil: the
+	// operating system's); tests put a fault-injecting disk here.
+	recordingOpenFile func(name string, flag int, perm os.FileMode) (recording.File, error)
 
 	// ended is signalled when a chain ends by itself (source ended,
 	// failure); the service then returns to IDLE.
@@ -99,10 +106,10 @@ func (s *Service) Chain() *Chain {
 }
 
 // Stages returns the Python stages (loaded at the first acquisition).
-func (s *Service) Stages() []*pyrt.Stage {
+func (s *Service) Stages() []PythonStage {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]*pyrt.Stage(nil), s.stages...)
+	return append([]PythonStage(nil), s.stages...)
 }
 
 // Session returns the recording session (naming and numbering).
@@ -147,7 +154,7 @@ func (s *Service) setModeLocked(m Mode) error {
 		if err != nil {
 			return err
 		}
-		s.rec, s.recAt, s.mode = rec, time.Now(), Record
+		s.rec, s.recAt, s.mode, s.recErr = rec, time.Now(), Record, ""
 		return nil
 	}
 	if s.mode == Record {
@@ -162,7 +169,14 @@ func (s *Service) setModeLocked(m Mode) error {
 }
 
 func (s *Service) startAcquisitionLocked() error {
-	chain, err := NewChainWith(s.cfg, s.log, ChainOptions{Session: s.session, Stages: s.stagesFor})
+	chain, err := NewChainWith(s.cfg, s.log, ChainOptions{Session: s.session, Stages: s.stagesFor,
+		RecordingFailed: func(rec pipeline.Recording, err error) {
+			// Called from the recorder's goroutine, which a transition
+			// holding s.mu may be waiting for.
+			go s.recordingFailed(rec, err)
+		},
+		RecordingOpenFile: s.recordingOpenFile,
+	})
 	if err != nil {
 		return err
 	}
@@ -177,7 +191,7 @@ func (s *Service) startAcquisitionLocked() error {
 
 // stagesFor loads the Python stages for a stream, keeping the ones that
 // are already loaded (called by NewChainWith with s.mu held).
-func (s *Service) stagesFor(info pipeline.StreamInfo) (*pyrt.Runtime, []*pyrt.Stage, error) {
+func (s *Service) stagesFor(info pipeline.StreamInfo) (*pyrt.Runtime, []PythonStage, error) {
 	rt, stages, err := LoadStages(s.cfg, info, s.stages, s.log)
 	if err != nil {
 		return nil, nil, err
@@ -206,6 +220,34 @@ func (s *Service) watch(c *Chain) {
 	case s.ended <- struct{}{}:
 	default:
 	}
+}
+
+// recordingFailed is told that a write error (a full disk) stopped
+// recording rec: while rec is still the current recording, the service
+// stops recording and keeps acquiring (the Python stages and the outputs
+// go on), and reports the error until the next record start.
+func (s *Service) recordingFailed(rec pipeline.Recording, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.recFailures++
+	s.recErr = err.Error()
+	if s.mode == Record && s.rec != nil && *s.rec == rec && s.chain != nil {
+		s.chain.StopRecording()
+		s.mode = Acquire
+		s.log.Error("recording failed: ephysd stopped recording and keeps acquiring; start a new recording once the problem is fixed",
+			zap.String("path", recording.RecordingPath(s.rec, s.session.RecordNodeID())), zap.Error(err))
+		return
+	}
+	s.log.Error("recording failed", zap.String("path", recording.RecordingPath(&rec, s.session.RecordNodeID())), zap.Error(err))
+}
+
+// RecordingFailure is why the last recording stopped by itself ("" if it
+// did not, or a recording started since) and how many recordings stopped
+// so since ephysd started.
+func (s *Service) RecordingFailure() (string, uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.recErr, s.recFailures
 }
 
 func (s *Service) stopAcquisitionLocked() error {
@@ -274,13 +316,18 @@ func (s *Service) Reload(path string) (string, error) {
 				err = st.Reload()
 			}
 			if err != nil {
-				errs = append(errs, fmt.Errorf("stage %s: %w", st.Name(), err))
+				errs = append(errs, fmt.Errorf("stage %s: %w (its previous module keeps running)", st.Name(), err))
+				// The configuration in force names the module that runs.
+				next.Stages[i].Module = st.Path()
 			}
 		}
 	}
 	if s.chain == nil {
 		// Nothing runs: the new settings (and fresh modules) apply at the
-		// next acquisition.
+		// next acquisition. Isolated stages stop their workers.
+		for _, st := range s.stages {
+			closeStage(st)
+		}
 		s.stages = nil
 	}
 	s.cfg = next
@@ -294,7 +341,7 @@ func (s *Service) Reload(path string) (string, error) {
 // between two blocks).
 func (s *Service) ReloadStages() error {
 	s.mu.Lock()
-	stages := append([]*pyrt.Stage(nil), s.stages...)
+	stages := append([]PythonStage(nil), s.stages...)
 	s.mu.Unlock()
 	var errs []error
 	for _, st := range stages {
@@ -315,7 +362,7 @@ func (s *Service) SetStageModule(id int, path string) error {
 	}
 	s.mu.Lock()
 	dirs := s.cfg.Control.ModuleDirs
-	var st *pyrt.Stage
+	var st PythonStage
 	for _, x := range s.stages {
 		if x.ID() == id {
 			st = x
@@ -396,6 +443,13 @@ type Status struct {
 	Inputs        []DeviceInfo   `json:"inputs,omitempty"`
 	Recording     *RecordingInfo `json:"recording,omitempty"`
 	SessionFolder string         `json:"session_folder,omitempty"`
+	// RecordingError is why the last recording stopped by itself (a full
+	// disk), until the next record start; RecordingFailures counts such
+	// stops since ephysd started.
+	RecordingError    string `json:"recording_error,omitempty"`
+	RecordingFailures uint64 `json:"recording_failures"`
+	// Spikes are the spike detector's counts per electrode ([spikes]).
+	Spikes []ElectrodeSpikes `json:"spikes,omitempty"`
 }
 
 // SourceStatus describes the acquiring source.
@@ -457,12 +511,13 @@ func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond)
 func (s *Service) Status() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Status{Mode: s.mode, Uptime: time.Since(s.started).Seconds(), LastError: s.lastErr, SessionFolder: s.session.Dir()}
+	st := Status{Mode: s.mode, Uptime: time.Since(s.started).Seconds(), LastError: s.lastErr, SessionFolder: s.session.Dir(),
+		RecordingError: s.recErr, RecordingFailures: s.recFailures}
 	c := s.chain
 	for i, x := range s.stages {
 		si := StageInfo{StageStatus: x.Status()}
 		if c != nil && i < len(c.Stages) {
-			h := c.Runner.StageTime(i)
+			h := c.PythonStageTime(i)
 			si.P50, si.P99, si.Max = us(h.Quantile(0.5)), us(h.Quantile(0.99)), us(h.Max())
 		}
 		st.Stages = append(st.Stages, si)
@@ -487,6 +542,7 @@ func (s *Service) Status() Status {
 		p.SamplesPerSec = float64(rs.Samples) / el
 	}
 	st.Pipeline = p
+	st.Spikes = c.spikeCounts()
 	for i, o := range c.Outputs {
 		st.Outputs = append(st.Outputs, *deviceInfo(fmt.Sprintf("output %d (%s)", i+1, c.Config.Outputs[i].Driver), o.State(), o.Dropped()))
 	}

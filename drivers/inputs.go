@@ -152,9 +152,34 @@ func (m *MergedSource) Info() pipeline.StreamInfo { return m.info }
 func (m *MergedSource) InputStates() []DeviceState {
 	out := make([]DeviceState, len(m.inputs))
 	for i, in := range m.inputs {
-		out[i] = in.state.get()
+		out[i] = in.stateNow()
 	}
 	return out
+}
+
+// stateNow is the input's state with the link counts of the device open
+// now (read under the state lock, under which a failed device's counts
+// move to the total).
+func (in *mergedInput) stateNow() DeviceState {
+	in.state.mu.Lock()
+	defer in.state.mu.Unlock()
+	s := in.state.s
+	if box := in.cur.Load(); box != nil {
+		s.Link = s.Link.Add(linkOf(box.in))
+	}
+	return s
+}
+
+// retire takes box's device out, if it is still the current one, calls
+// gone (when not nil) and closes the device.
+func (in *mergedInput) retire(box *lineBox, gone func()) bool {
+	ok, _ := in.state.retire(box.in, func() bool { return in.cur.CompareAndSwap(box, nil) }, func() error {
+		if gone != nil {
+			gone()
+		}
+		return box.in.Close()
+	})
+	return ok
 }
 
 // ReadBlock reads the source's block and merges the input lines into it.
@@ -180,11 +205,11 @@ func (in *mergedInput) read() uint64 {
 		return 0
 	}
 	if err := box.in.Err(); err != nil {
-		if in.cur.CompareAndSwap(box, nil) {
+		if in.retire(box, func() {
 			in.log.Error("input device failed; its lines read 0 until it is back (reopening with backoff)",
 				zap.String("device", in.Name), zap.Error(err))
 			in.state.set(false, err)
-			box.in.Close()
+		}) {
 			in.wg.Add(1)
 			go in.reopen()
 		}
@@ -230,8 +255,8 @@ func (m *MergedSource) Close() error {
 	for _, in := range m.inputs {
 		close(in.closed)
 		in.wg.Wait()
-		if box := in.cur.Swap(nil); box != nil {
-			box.in.Close()
+		if box := in.cur.Load(); box != nil {
+			in.retire(box, nil)
 		}
 	}
 	return m.Source.Close()

@@ -39,13 +39,21 @@ func (b Backoff) next(d time.Duration) time.Duration {
 type DeviceState struct {
 	Connected   bool
 	Disconnects uint64    // times the device went away
+	Reconnects  uint64    // times it came back (was reopened)
 	LastError   string    // why it went away (or why reopening fails)
 	Since       time.Time // when Connected last changed
+	// GapSamples is the number of sample numbers skipped for the time the
+	// device was away (a source only): the gaps the reopening made.
+	GapSamples uint64
+	// Link is what the drivers' parsers threw away (garbage, damaged
+	// frames), summed over every time the device was opened.
+	Link LinkStats
 }
 
 type stateBox struct {
-	mu sync.Mutex
-	s  DeviceState
+	mu     sync.Mutex
+	s      DeviceState
+	opened bool
 }
 
 func (b *stateBox) set(connected bool, err error) {
@@ -57,10 +65,49 @@ func (b *stateBox) set(connected bool, err error) {
 	if !connected && b.s.Connected {
 		b.s.Disconnects++
 	}
+	if connected && !b.s.Connected {
+		if b.opened {
+			b.s.Reconnects++
+		}
+		b.opened = true
+	}
 	b.s.Connected = connected
 	if err != nil {
 		b.s.LastError = err.Error()
 	}
+}
+
+func (b *stateBox) addGap(n int64) {
+	b.mu.Lock()
+	b.s.GapSamples += uint64(n)
+	b.mu.Unlock()
+}
+
+// addLink adds the final link counts of a device that was closed.
+func (b *stateBox) addLink(l LinkStats) {
+	b.mu.Lock()
+	b.s.Link = b.s.Link.Add(l)
+	b.mu.Unlock()
+}
+
+// retire takes a device out with take (which reports whether it was still
+// the current one) and closes it. Its link counts move to the total in the
+// same step as it leaves (whoever reads the device's counts with the
+// total holds b.mu), so they are never counted twice or missed; what it
+// counts until it is closed is added after.
+func (b *stateBox) retire(dev any, take func() bool, close func() error) (bool, error) {
+	b.mu.Lock()
+	if !take() {
+		b.mu.Unlock()
+		return false, nil
+	}
+	before := linkOf(dev)
+	b.s.Link = b.s.Link.Add(before)
+	b.mu.Unlock()
+	err := close()
+	after := linkOf(dev)
+	b.addLink(LinkStats{DiscardedBytes: after.DiscardedBytes - before.DiscardedBytes, Resyncs: after.Resyncs - before.Resyncs})
+	return true, err
 }
 
 func (b *stateBox) get() DeviceState {
@@ -115,7 +162,18 @@ func (r *ReopeningSource) Info() pipeline.StreamInfo { return r.info }
 func (r *ReopeningSource) Start() error { return r.current().Start() }
 
 // State reports the device's connection state.
-func (r *ReopeningSource) State() DeviceState { return r.state.get() }
+func (r *ReopeningSource) State() DeviceState {
+	// Under r.mu: a closed device's counts move to the total under the
+	// same lock, so they are never counted twice or missed.
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.state.get()
+	s.Link = s.Link.Add(linkOf(r.cur))
+	return s
+}
+
+// LinkStats is State().Link.
+func (r *ReopeningSource) LinkStats() LinkStats { return r.State().Link }
 
 // ReadBlock reads the next block, reopening the device as often as needed.
 func (r *ReopeningSource) ReadBlock(b *pipeline.Block) error {
@@ -134,7 +192,9 @@ func (r *ReopeningSource) ReadBlock(b *pipeline.Block) error {
 			if r.fresh {
 				target := r.next
 				if !r.lostAt.IsZero() {
-					target += int64(time.Since(r.lostAt).Seconds() * r.info.SampleRate)
+					away := int64(time.Since(r.lostAt).Seconds() * r.info.SampleRate)
+					target += away
+					r.state.addGap(away)
 				}
 				r.offset = target - b.FirstSample
 				r.fresh = false
@@ -150,10 +210,14 @@ func (r *ReopeningSource) ReadBlock(b *pipeline.Block) error {
 			zap.String("device", r.name), zap.Error(err))
 		r.state.set(false, err)
 		r.lostAt = time.Now()
+		// Close before taking the device out of State, so its final link
+		// counts move from the device to the total without a moment
+		// where they are counted twice or not at all.
+		cur.Close()
 		r.mu.Lock()
 		r.cur = nil
+		r.state.addLink(linkOf(cur))
 		r.mu.Unlock()
-		cur.Close()
 	}
 }
 
@@ -183,6 +247,7 @@ func (r *ReopeningSource) reopen() error {
 			}
 			if err != nil {
 				src.Close()
+				r.state.addLink(linkOf(src))
 			}
 		}
 		if err != nil {
@@ -196,6 +261,7 @@ func (r *ReopeningSource) reopen() error {
 		if r.stopped.Load() { // stopped while opening
 			r.mu.Unlock()
 			src.Close()
+			r.state.addLink(linkOf(src))
 			return io.EOF
 		}
 		r.cur = src
@@ -273,7 +339,21 @@ func NewReopeningSink(name string, open func() (Sink, error), log *zap.Logger, b
 }
 
 // State reports the device's connection state.
-func (r *ReopeningSink) State() DeviceState { return r.state.get() }
+func (r *ReopeningSink) State() DeviceState {
+	// The box is read under the state lock: a failing device's counts
+	// move to the total under the same lock, so they are never counted
+	// twice or missed.
+	r.state.mu.Lock()
+	defer r.state.mu.Unlock()
+	s := r.state.s
+	if box := r.cur.Load(); box != nil {
+		s.Link = s.Link.Add(linkOf(box.s))
+	}
+	return s
+}
+
+// LinkStats is State().Link.
+func (r *ReopeningSink) LinkStats() LinkStats { return r.State().Link }
 
 // Dropped is the number of blocks whose events were dropped while the
 // device was away.
@@ -297,15 +377,26 @@ func (r *ReopeningSink) HandleEvents(b *pipeline.Block) error {
 	if err == nil {
 		return nil
 	}
-	if !r.cur.CompareAndSwap(box, nil) {
+	if ok, _ := r.retire(box, func() {
+		r.log.Error("output device failed; reopening it with backoff", zap.String("device", r.name), zap.Error(err))
+		r.state.set(false, err)
+	}); !ok {
 		return nil
 	}
-	r.log.Error("output device failed; reopening it with backoff", zap.String("device", r.name), zap.Error(err))
-	r.state.set(false, err)
-	box.s.Close()
 	r.wg.Add(1)
 	go r.reopen()
 	return nil
+}
+
+// retire takes box's device out, if it is still the current one, calls
+// gone (when not nil) and closes the device.
+func (r *ReopeningSink) retire(box *sinkBox, gone func()) (bool, error) {
+	return r.state.retire(box.s, func() bool { return r.cur.CompareAndSwap(box, nil) }, func() error {
+		if gone != nil {
+			gone()
+		}
+		return box.s.Close()
+	})
 }
 
 func (r *ReopeningSink) reopen() {
@@ -343,8 +434,9 @@ func (r *ReopeningSink) reopen() {
 func (r *ReopeningSink) Close() error {
 	r.closeMu.Do(func() { close(r.closed) })
 	r.wg.Wait()
-	if box := r.cur.Swap(nil); box != nil {
-		return box.s.Close()
+	if box := r.cur.Load(); box != nil {
+		_, err := r.retire(box, nil)
+		return err
 	}
 	return nil
 }

@@ -22,6 +22,14 @@ type flaky struct {
 	stopped   atomic.Bool
 	closed    atomic.Bool
 	startedAt time.Time
+	// discarded is the bytes its parser dropped: one per block read, and
+	// 1000 more when it is closed (its last partial frame).
+	discarded atomic.Uint64
+}
+
+func (f *flaky) LinkStats() LinkStats {
+	d := f.discarded.Load()
+	return LinkStats{DiscardedBytes: d, Resyncs: d}
 }
 
 func (f *flaky) Info() pipeline.StreamInfo {
@@ -29,7 +37,7 @@ func (f *flaky) Info() pipeline.StreamInfo {
 }
 func (f *flaky) Start() error { f.startedAt = time.Now(); return nil }
 func (f *flaky) Stop() error  { f.stopped.Store(true); return nil }
-func (f *flaky) Close() error { f.closed.Store(true); return nil }
+func (f *flaky) Close() error { f.closed.Store(true); f.discarded.Add(1000); return nil }
 func (f *flaky) ReadBlock(b *pipeline.Block) error {
 	if f.stopped.Load() {
 		return io.EOF
@@ -38,6 +46,7 @@ func (f *flaky) ReadBlock(b *pipeline.Block) error {
 		return errors.New("read /dev/ttyACM0: input/output error")
 	}
 	f.n++
+	f.discarded.Add(1)
 	time.Sleep(time.Duration(float64(b.Cap()) / f.rate * float64(time.Second)))
 	b.Samples = b.Cap()
 	b.FirstSample = f.next
@@ -92,8 +101,21 @@ func TestReopeningSourceRecordsTheAbsenceAsAGap(t *testing.T) {
 		t.Fatalf("after reconnecting: %v", firsts)
 	}
 	st := r.State()
-	if !st.Connected || st.Disconnects != 1 || st.LastError == "" {
+	if !st.Connected || st.Disconnects != 1 || st.Reconnects != 1 || st.LastError == "" {
 		t.Fatalf("state %+v", st)
+	}
+	if want := uint64(firsts[5] - (firsts[4] + 10)); st.GapSamples != want {
+		t.Fatalf("GapSamples %d, the gap in sample numbers is %d", st.GapSamples, want)
+	}
+	// Link counts: the first device read 5 blocks and was closed (+1000),
+	// the refused 3-channel one was closed unread (+1000), the current one
+	// has read 3 blocks.
+	if want := uint64(5 + 1000 + 1000 + 3); st.Link.DiscardedBytes != want || r.LinkStats() != st.Link {
+		t.Fatalf("link counts %+v, want %d discarded bytes over the three devices", st.Link, want)
+	}
+	r.Close()
+	if want := uint64(5 + 1000 + 1000 + 3 + 1000); r.State().Link.DiscardedBytes != want {
+		t.Fatalf("after Close: link counts %+v, want %d", r.State().Link, want)
 	}
 	if opens != 5 {
 		t.Fatalf("%d opens, want 5 (the 3-channel device must be refused)", opens)
@@ -137,6 +159,11 @@ type failingSink struct {
 	fail    bool
 	handled atomic.Int32
 	closed  atomic.Bool
+	bad     atomic.Uint64 // reply bytes it could not parse; 10 more when closed
+}
+
+func (s *failingSink) LinkStats() LinkStats {
+	return LinkStats{DiscardedBytes: s.bad.Load(), Resyncs: 1}
 }
 
 func (s *failingSink) HandleEvents(b *pipeline.Block) error {
@@ -146,7 +173,7 @@ func (s *failingSink) HandleEvents(b *pipeline.Block) error {
 	s.handled.Add(1)
 	return nil
 }
-func (s *failingSink) Close() error { s.closed.Store(true); return nil }
+func (s *failingSink) Close() error { s.closed.Store(true); s.bad.Add(10); return nil }
 
 func TestReopeningSinkDropsWhileAwayAndReconnects(t *testing.T) {
 	var opens atomic.Int32
@@ -154,7 +181,9 @@ func TestReopeningSinkDropsWhileAwayAndReconnects(t *testing.T) {
 	open := func() (Sink, error) {
 		switch opens.Add(1) {
 		case 1:
-			return &failingSink{fail: true}, nil
+			s := &failingSink{fail: true}
+			s.bad.Store(5)
+			return s, nil
 		case 2:
 			return nil, errors.New("gone")
 		default:
@@ -180,8 +209,15 @@ func TestReopeningSinkDropsWhileAwayAndReconnects(t *testing.T) {
 	if second == nil || second.handled.Load() != 1 {
 		t.Fatal("events did not reach the reopened device")
 	}
+	// The first device's 5 + 10 (at its close), the second's 0 so far.
+	if st := r.State(); st.Reconnects != 1 || st.Disconnects != 1 || st.Link != (LinkStats{DiscardedBytes: 15, Resyncs: 2}) {
+		t.Fatalf("state %+v", st)
+	}
 	r.Close()
 	if !second.closed.Load() {
 		t.Fatal("Close did not close the device")
+	}
+	if l := r.LinkStats(); l != (LinkStats{DiscardedBytes: 25, Resyncs: 2}) {
+		t.Fatalf("after Close: link counts %+v", l)
 	}
 }

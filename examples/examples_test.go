@@ -152,3 +152,182 @@ print(len(rising), "crossings")
 `, dir, session, abs(t, "."))
 	t.Log(strings.TrimSpace(out))
 }
+
+// spikeEmitter is a stage that finds spikes as threshold crossings on
+// channel 0 and emits each, once its waveform is complete (often a block
+// later), with add_python_spike: channels 0–1, PRE samples before the
+// crossing and N in all.
+const spikeEmitter = `
+import numpy as np
+THR, PRE, N = -60.0, 8, 40
+class PyProcessor:
+    def __init__(self, processor, num_channels, sample_rate):
+        self.p = processor
+        self.buf = np.zeros((2, 0), np.float32)
+        self.buf_first = 0
+        self.pending = []
+        self.next_allowed = PRE
+    def process(self, data):
+        first = self.p.sample_number
+        if self.buf.shape[1] == 0:
+            self.buf_first = first
+        self.buf = np.concatenate([self.buf, data[:2]], axis=1)
+        x = self.buf[0]
+        start = max(1, first - self.buf_first)
+        for i in np.flatnonzero((x[start - 1:-1] > THR) & (x[start:] <= THR)) + start:
+            at = self.buf_first + int(i)
+            if at >= self.next_allowed:
+                self.pending.append(at)
+                self.next_allowed = at + N
+        end = self.buf_first + self.buf.shape[1]
+        while self.pending and self.pending[0] - PRE + N <= end:
+            at = self.pending.pop(0)
+            lo = at - PRE - self.buf_first
+            self.p.add_python_spike("Stereotrode 1", at, 0, self.buf[:, lo:lo + N])
+        keep = 4 * N
+        if self.buf.shape[1] > keep:
+            self.buf_first += self.buf.shape[1] - keep
+            self.buf = self.buf[:, -keep:]
+`
+
+// sim → a stage that emits spikes → spike_classifier.py → recording: the
+// recording holds the emitter's spikes (sample numbers and waveforms of
+// the crossings found offline in the captured input) and the classifier's
+// relabelled copies (same spikes, clusters by amplitude), as numpy reads
+// them; the classifier logs its counts.
+func TestSpikeClassifierEndToEnd(t *testing.T) {
+	emitter := filepath.Join(t.TempDir(), "emitter.py")
+	if err := os.WriteFile(emitter, []byte(spikeEmitter), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir, c := chain(t, "channels = 4\nspike_channels = [1]\nunits = 6", 30, emitter, abs(t, "spike_classifier.py"))
+	out := python(t, `
+import sys, glob, os, json, numpy as np
+sys.path.insert(0, sys.argv[3])
+import spike_classifier as sc
+THR, PRE, N = -60.0, 8, 40
+x = np.load(sys.argv[1] + "/capture_in.npy")
+hits, nxt = [], PRE
+for i in np.flatnonzero((x[0, :-1] > THR) & (x[0, 1:] <= THR)) + 1:
+    if i >= nxt:
+        hits.append(int(i)); nxt = i + N
+hits = [h for h in hits if h - PRE + N <= x.shape[1]]
+assert len(hits) >= 5, ("too few spikes to test", len(hits))
+waves = np.stack([x[:2, h - PRE:h - PRE + N] for h in hits])
+with np.errstate(invalid="ignore"):
+    want_i16 = np.rint(np.clip(waves / 0.195, -32768, 32767)).astype(np.int16)
+amp = (waves.max(axis=2) - waves.min(axis=2)).max(axis=1)
+want_clusters = np.searchsorted(np.asarray(sc.AMPLITUDE_EDGES_UV), amp, side="right")
+assert len(set(want_clusters.tolist())) >= 2, ("the spikes fall in one cluster only", amp)
+rec = glob.glob(os.path.join(sys.argv[2], "Record Node *", "experiment1", "recording1"))[0]
+info = json.load(open(os.path.join(rec, "structure.oebin")))
+entries = {e["folder"]: e for e in info["spikes"]}
+assert sorted(entries) == ["Python_Processor-102.sim/Stereotrode_1/", "Python_Processor-103.sim/Stereotrode_1/"], sorted(entries)
+for folder, clusters, index in (("Python_Processor-102.sim/Stereotrode_1/", [0] * len(hits), 1),
+                                ("Python_Processor-103.sim/Stereotrode_1/", want_clusters.tolist(), 2)):
+    e = entries[folder]
+    assert e["name"] == "Stereotrode 1" and e["num_channels"] == 2 and e["sample_rate"] == 30000.0, e
+    assert e["source_channels"][0]["bit_volts"] == 0.195, e
+    d = os.path.join(rec, "spikes", folder)
+    sn = np.load(d + "/sample_numbers.npy"); ts = np.load(d + "/timestamps.npy")
+    wf = np.load(d + "/waveforms.npy"); cl = np.load(d + "/clusters.npy"); ix = np.load(d + "/electrode_indices.npy")
+    assert sn.tolist() == hits, (folder, sn.tolist()[:5], hits[:5])
+    assert (ts == sn / 30000.0).all(), folder
+    assert wf.dtype == np.int16 and wf.shape == (len(hits), 2, N) and (wf == want_i16).all(), (folder, wf.shape)
+    assert cl.dtype == np.uint16 and cl.tolist() == clusters, (folder, cl.tolist(), clusters)
+    assert ix.dtype == np.uint16 and (ix == index).all(), (folder, ix)
+print(len(hits), "spikes, clusters", np.bincount(want_clusters).tolist())
+`, dir, c.Session.Dir(), abs(t, "."))
+	t.Log(strings.TrimSpace(out))
+}
+
+// sim → ephysd's spike detector ([spikes], a tetrode) → spike_classifier.py
+// → recording: the classifier relabels every detected spike (same sample
+// numbers and waveforms, described like the detector's tetrode), with
+// clusters from the amplitudes of the recorded waveforms.
+func TestSpikeClassifierWithDetector(t *testing.T) {
+	sim := "channels = 4\nspike_channels = [1]\nunits = 6\n" +
+		"[spikes]\nthreshold_uv = 50.0\n[[spikes.electrode]]\nname = \"Tetrode 1\"\nchannels = [1, 2, 3, 4]\n"
+	_, c := chain(t, sim, 30, abs(t, "spike_classifier.py"))
+	out := python(t, `
+import sys, glob, os, json, numpy as np
+sys.path.insert(0, sys.argv[2])
+import spike_classifier as sc
+rec = glob.glob(os.path.join(sys.argv[1], "Record Node *", "experiment1", "recording1"))[0]
+info = json.load(open(os.path.join(rec, "structure.oebin")))
+det = [e for e in info["spikes"] if e["folder"].startswith("Spike_Detector-")]
+cls = [e for e in info["spikes"] if e["folder"].startswith("Python_Processor-")]
+assert len(det) == 1 and len(cls) == 1, [e["folder"] for e in info["spikes"]]
+det, cls = det[0], cls[0]
+assert det["name"] == cls["name"] == "Tetrode 1" and cls["folder"].endswith("/Tetrode_1/"), (det, cls)
+for k in ("num_channels", "pre_peak_samples", "post_peak_samples", "source_channels"):
+    assert det[k] == cls[k], (k, det[k], cls[k])
+assert [c["local_index"] for c in cls["source_channels"]] == [0, 1, 2, 3], cls
+load = lambda e, n: np.load(os.path.join(rec, "spikes", e["folder"], n + ".npy"))
+sn = load(det, "sample_numbers")
+assert len(sn) >= 5, ("too few spikes detected", len(sn))
+assert load(cls, "sample_numbers").tolist() == sn.tolist()
+wf = load(det, "waveforms")
+assert (load(cls, "waveforms") == wf).all()
+assert set(load(det, "clusters").tolist()) == {0}
+uv = wf * det["source_channels"][0]["bit_volts"]
+amp = (uv.max(axis=2) - uv.min(axis=2)).max(axis=1)
+edges = np.asarray(sc.AMPLITUDE_EDGES_UV)
+want = np.searchsorted(edges, amp, side="right")
+clear = np.abs(amp[:, None] - edges[None, :]).min(axis=1) > 1.0   # quantisation moves amplitudes < 0.2 µV
+got = load(cls, "clusters")
+assert (got[clear] == want[clear]).all(), (got.tolist(), want.tolist())
+assert clear.sum() >= len(sn) - 2
+print(len(sn), "spikes relabelled, clusters", np.bincount(got).tolist())
+`, c.Session.Dir(), abs(t, "."))
+	t.Log(strings.TrimSpace(out))
+}
+
+// spike_counter pulses TTL line 1 when three of the detector's spikes fall
+// within 10 ms: with spikes planted on a tetrode ([spikes], a fixed µV
+// threshold), the recorded edges are those computed offline from the
+// detector's recorded spikes, each burst stamped at the first sample of the
+// block holding its last spike's last waveform sample.
+func TestSpikeCounterBursts(t *testing.T) {
+	sim := "channels = 8\nunits = 0\nlfp_uv = 0.0\nplant_channels = [1, 2, 3, 4]\nplant_rate = 200.0\n" +
+		"[spikes]\nthreshold_uv = 50.0\n[[spikes.electrode]]\nchannels = [1, 2, 3, 4]\n"
+	_, c := chain(t, sim, 30, abs(t, "spike_counter.py"))
+	out := python(t, `
+import sys, glob, os, json, numpy as np
+from collections import defaultdict, deque
+sys.path.insert(0, sys.argv[2])
+import spike_counter as sc
+rec = glob.glob(os.path.join(sys.argv[1], "Record Node *", "experiment1", "recording1"))[0]
+info = json.load(open(os.path.join(rec, "structure.oebin")))
+det = [e for e in info["spikes"] if e["folder"].startswith("Spike_Detector-")]
+assert len(det) == 1 and det[0]["name"] == "Tetrode 1", info["spikes"]
+sn = np.load(os.path.join(rec, "spikes", det[0]["folder"], "sample_numbers.npy"))
+assert len(sn) >= 80, ("too few spikes", len(sn))
+B, window, pulse = 30, int(round(sc.BURST_MS * 30)), int(round(sc.PULSE_MS * 30))
+arrive = defaultdict(list)
+for s in sn.tolist():
+    arrive[(s + 40 - 8 - 1) // B * B].append(s)   # the block of the waveform's last sample
+peaks, high_until, rising, falling = deque(), None, [], []
+for first in range(0, 30000, B):
+    burst = False
+    for s in arrive[first]:
+        peaks.append(s)
+        while peaks and peaks[0] <= s - window:
+            peaks.popleft()
+        if len(peaks) >= sc.BURST_SPIKES:
+            burst = True
+            peaks.clear()
+    if burst and high_until is None:
+        rising.append(first); high_until = first + pulse
+    if high_until is not None and high_until < first + B:
+        falling.append(high_until); high_until = None
+assert len(rising) >= 3, ("too few bursts to test", len(rising))
+ev = glob.glob(os.path.join(rec, "events", "Python_Processor-102.sim", "TTL"))[0]
+got_sn = np.load(ev + "/sample_numbers.npy"); st = np.load(ev + "/states.npy")
+line = sc.TTL_LINE + 1
+assert got_sn[st == line].tolist() == rising, (got_sn[st == line].tolist()[:5], rising[:5])
+assert got_sn[st == -line].tolist() == falling, "falling edges"
+print(len(sn), "spikes,", len(rising), "bursts")
+`, c.Session.Dir(), abs(t, "."))
+	t.Log(strings.TrimSpace(out))
+}

@@ -31,15 +31,25 @@ type Event struct {
 const MessageCenterID = 0
 
 // Spike is one detected spike: a waveform snippet on the channels of one
-// electrode, in the block where its peak lies.
+// electrode. It is in the block that holds the last sample of its waveform
+// (the first block in which it is complete, so that stages see it before
+// that block's samples); its peak, SampleNumber, may lie in an earlier
+// block.
+//
+// Waveform memory belongs to the block, like its samples: nobody keeps it
+// after the block is released, and whoever appends a spike may reuse a
+// Waveform buffer left in the spare capacity of b.Spikes by an earlier use
+// of the same pooled block (that is how the spike detector allocates
+// nothing per block).
 type Spike struct {
-	Processor    int
-	Electrode    string
-	SampleNumber int64
-	SortedID     int
-	Channels     int
-	Samples      int
-	Waveform     []float32 // Channels × Samples, channel-major
+	Processor      int
+	Electrode      string
+	ElectrodeIndex int // the electrode's position among the detector's electrodes, from 0
+	SampleNumber   int64
+	SortedID       int
+	Channels       int
+	Samples        int
+	Waveform       []float32 // Channels × Samples, channel-major, µV
 }
 
 // AppendEdges appends one TTL event for every line that changes in words,

@@ -28,6 +28,10 @@ type RunnerConfig struct {
 	KeepRaw bool
 	// QueueDepth is the number of blocks each queue holds (default 64).
 	QueueDepth int
+	// StageQueueDepth, if larger, is the depth of the queue before the
+	// stages: room for the blocks a live source delivers while a stage is
+	// stuck in one call until it is interrupted (pyrt.MaxStall).
+	StageQueueDepth int
 	// Backpressure makes the source wait for the stages instead of dropping
 	// blocks: right for offline processing, wrong for a live device.
 	Backpressure bool
@@ -73,6 +77,23 @@ type Runner struct {
 	ctl    chan func()
 	spare  *Block
 
+	ready     chan error
+	readyOnce sync.Once
+	// The stage loop's state, kept here rather than on the loop's stack so
+	// that a loop can take over from one whose thread the executor gave up
+	// (AbandonableExecutor). stageGen is bumped then: the abandoned loop
+	// leaves the run to its successor as soon as (if ever) it gets control
+	// back. The fields below stageMu are the loop's, guarded for the
+	// moment of the takeover.
+	stageGen     atomic.Uint64
+	stageMu      sync.Mutex
+	inStage      *Block     // the block the stages are working on
+	current      *Recording // the recording the stages were told about
+	hooksStarted int        // stages whose StartAcquisition has been called
+	hooksStopped int
+	blocksDone   bool      // the block loop has ended
+	inlineRead   readState // the inline loop's reading state
+
 	recording atomic.Pointer[Recording]
 	msgMu     sync.Mutex
 	messages  []string
@@ -112,10 +133,13 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
 	}
+	if cfg.StageQueueDepth < cfg.QueueDepth {
+		cfg.StageQueueDepth = cfg.QueueDepth
+	}
 	r := &Runner{
 		cfg:         cfg,
 		log:         cfg.Log,
-		stageQ:      make(chan *Block, cfg.QueueDepth),
+		stageQ:      make(chan *Block, cfg.StageQueueDepth),
 		consQ:       make(chan *Block, cfg.QueueDepth),
 		ctl:         make(chan func()),
 		loopDone:    make(chan struct{}),
@@ -156,7 +180,13 @@ func (r *Runner) Start() error {
 	}
 	r.started = true
 	ready := make(chan error, 1)
-	r.cfg.Executor.Execute(func(tasks <-chan func()) { r.stageLoop(tasks, ready) })
+	r.ready = ready
+	loop := func(tasks <-chan func()) { r.stageLoop(tasks, 0) }
+	if ae, ok := r.cfg.Executor.(AbandonableExecutor); ok {
+		ae.ExecuteAbandonable(loop, r.abandonStageThread)
+	} else {
+		r.cfg.Executor.Execute(loop)
+	}
 	if err := <-ready; err != nil {
 		close(r.stageQ)
 		<-r.loopDone
@@ -376,55 +406,145 @@ func (r *Runner) overrun(b *Block) {
 	}
 }
 
-func (r *Runner) stageLoop(tasks <-chan func(), ready chan<- error) {
-	defer close(r.loopDone)
+// AbandonableExecutor is an Executor whose thread can get stuck for good
+// inside a stage (Python blocked in C code that ignores interruption).
+// ExecuteAbandonable runs loop as Execute does; if the executor gives up
+// its thread while loop runs there, it calls abandon once, from another
+// goroutine, and lets the stuck stage call return (if it ever does) only
+// after abandon has returned.
+type AbandonableExecutor interface {
+	Executor
+	ExecuteAbandonable(loop func(tasks <-chan func()), abandon func())
+}
+
+// abandonStageThread continues the stage loop on a new goroutine when the
+// executor gave up its thread. The block the stuck stage holds is lost: it
+// is counted as an overrun (a gap in the recorded sample numbers) and never
+// reused, since the stuck code may still write to it.
+func (r *Runner) abandonStageThread() {
+	r.stageMu.Lock()
+	gen := r.stageGen.Add(1)
+	b := r.inStage
+	r.inStage = nil
+	r.stageMu.Unlock()
+	if b != nil {
+		r.overrunBlocks.Add(1)
+		r.overrunSamples.Add(uint64(b.Samples))
+		r.log.Error("the stage thread is stuck for good in a stage: the block it holds is dropped (a gap in sample numbers), and the stages go on from another thread",
+			zap.Int64("first_sample", b.FirstSample), zap.Int("samples", b.Samples))
+	} else {
+		r.log.Error("the stage thread is stuck for good in a stage hook or task: the stages go on from another thread")
+	}
+	go r.stageLoop(nil, gen)
+}
+
+// live reports whether the loop of generation gen still runs the stages.
+func (r *Runner) live(gen uint64) bool { return r.stageGen.Load() == gen }
+
+// nextHook claims the next stage whose hook the counter counts; -1 when
+// all have had it, ok false when the loop was replaced.
+func (r *Runner) nextHook(counter *int, gen uint64) (i int, ok bool) {
+	r.stageMu.Lock()
+	defer r.stageMu.Unlock()
+	if !r.live(gen) {
+		return -1, false
+	}
+	if *counter >= len(r.cfg.Stages) {
+		return -1, true
+	}
+	*counter++
+	return *counter - 1, true
+}
+
+// stageLoop runs the stages' start hooks, the blocks, and the stop hooks.
+// gen is the loop's generation; a loop replaced by abandonStageThread
+// returns as soon as it gets control back, and its successor carries on
+// from where it was.
+func (r *Runner) stageLoop(tasks <-chan func(), gen uint64) {
 	if r.cfg.ThreadSetup != nil {
 		// On the interpreter's thread, which stays locked, this only nests.
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
 		defer r.cfg.ThreadSetup("stages")()
 	}
-	for _, s := range r.cfg.Stages {
+	for {
+		i, ok := r.nextHook(&r.hooksStarted, gen)
+		if !ok {
+			return
+		}
+		if i < 0 {
+			break
+		}
+		s := r.cfg.Stages[i]
 		if h, ok := s.(AcquisitionHooks); ok {
 			if err := h.StartAcquisition(); err != nil {
 				r.log.Error("stage start_acquisition failed", zap.String("stage", s.Name()), zap.Error(err))
 			}
 		}
 	}
-	ready <- nil
-	var current *Recording
-	if r.cfg.Inline {
-		r.inlineLoop(tasks, &current)
-	} else {
-		r.queuedLoop(tasks, &current)
+	r.readyOnce.Do(func() { r.ready <- nil })
+	r.stageMu.Lock()
+	done := r.blocksDone
+	r.stageMu.Unlock()
+	if !done {
+		var ok bool
+		if r.cfg.Inline {
+			ok = r.inlineLoop(tasks, gen)
+		} else {
+			ok = r.queuedLoop(tasks, gen)
+		}
+		if !ok {
+			return
+		}
+		r.stageMu.Lock()
+		r.blocksDone = true
+		r.stageMu.Unlock()
 	}
-	if current != nil {
-		r.recordingHooks(nil)
+	if !r.recordingTo(nil, gen) {
+		return
 	}
-	for _, s := range r.cfg.Stages {
+	for {
+		i, ok := r.nextHook(&r.hooksStopped, gen)
+		if !ok {
+			return
+		}
+		if i < 0 {
+			break
+		}
+		s := r.cfg.Stages[i]
 		if h, ok := s.(AcquisitionHooks); ok {
 			if err := h.StopAcquisition(); err != nil {
 				r.log.Error("stage stop_acquisition failed", zap.String("stage", s.Name()), zap.Error(err))
 			}
 		}
 	}
+	if !r.live(gen) {
+		return
+	}
 	close(r.consQ)
+	close(r.loopDone)
 }
 
 // queuedLoop processes the blocks the source loop queues, and the thread's
-// other work between them, until the source loop ends.
-func (r *Runner) queuedLoop(tasks <-chan func(), current **Recording) {
+// other work between them, until the source loop ends (true) or the loop
+// is replaced (false).
+func (r *Runner) queuedLoop(tasks <-chan func(), gen uint64) bool {
 	for {
 		select {
 		case b, ok := <-r.stageQ:
 			if !ok {
-				return
+				return true
 			}
-			r.process(b, current)
+			if !r.process(b, gen) {
+				return false
+			}
 		case f := <-r.ctl:
 			f()
 		case f := <-tasks:
 			f()
+		}
+		if !r.live(gen) {
+			return false
 		}
 	}
 }
@@ -432,42 +552,74 @@ func (r *Runner) queuedLoop(tasks <-chan func(), current **Recording) {
 // inlineLoop reads the source on this thread and processes each block at
 // once: one thread hand-off less per block (closed loop). A stage that
 // falls behind delays reading; what the device then loses shows as gaps.
-func (r *Runner) inlineLoop(tasks <-chan func(), current **Recording) {
-	var st readState
+func (r *Runner) inlineLoop(tasks <-chan func(), gen uint64) bool {
 	ctx := context.Background()
 	for !r.stopping.Load() {
 		select {
 		case f := <-r.ctl:
 			f()
+			if !r.live(gen) {
+				return false
+			}
 			continue
 		case f := <-tasks:
 			f()
+			if !r.live(gen) {
+				return false
+			}
 			continue
 		default:
 		}
 		b, _ := r.cfg.Pool.Get(ctx)
-		if err := r.read(&st, b); err != nil {
+		if err := r.read(&r.inlineRead, b); err != nil {
 			b.Release()
 			if err != io.EOF {
 				r.fail(err)
 			}
-			return
+			return true
 		}
-		r.process(b, current)
+		if !r.process(b, gen) {
+			return false
+		}
 	}
+	return true
+}
+
+// recordingTo tells the stages that blocks from now on belong to rec
+// (nil: not recorded), if that changes; false if the loop was replaced.
+func (r *Runner) recordingTo(rec *Recording, gen uint64) bool {
+	if rec == r.current { // only the live loop writes it
+		return true
+	}
+	r.stageMu.Lock()
+	prev := r.current
+	r.current = rec
+	r.stageMu.Unlock()
+	if rec == prev {
+		return true
+	}
+	if prev != nil && !r.recordingHooks(nil, gen) {
+		return false
+	}
+	if rec != nil && !r.recordingHooks(rec, gen) {
+		return false
+	}
+	return true
 }
 
 // process runs the stages on b, hands its events to the outputs as they
-// appear, and queues it for the consumers.
-func (r *Runner) process(b *Block, current **Recording) {
-	if b.Recording != *current {
-		if *current != nil {
-			r.recordingHooks(nil)
-		}
-		if b.Recording != nil {
-			r.recordingHooks(b.Recording)
-		}
-		*current = b.Recording
+// appear, and queues it for the consumers. False: the loop was replaced
+// while a stage held b, which then belongs to nobody.
+func (r *Runner) process(b *Block, gen uint64) bool {
+	r.stageMu.Lock()
+	if !r.live(gen) {
+		r.stageMu.Unlock()
+		return false
+	}
+	r.inStage = b
+	r.stageMu.Unlock()
+	if !r.recordingTo(b.Recording, gen) {
+		return false
 	}
 	if r.cfg.KeepRaw {
 		// The pool is sized for two blocks per block in flight, so this
@@ -482,6 +634,9 @@ func (r *Runner) process(b *Block, current **Recording) {
 	for i, s := range r.cfg.Stages {
 		ts := time.Now()
 		err := s.Process(b)
+		if !r.live(gen) {
+			return false
+		}
 		r.stageTimes[i].Record(time.Since(ts))
 		// The events this stage added reach the outputs the moment it
 		// returns, before later stages and the recorder.
@@ -500,7 +655,11 @@ func (r *Runner) process(b *Block, current **Recording) {
 	r.latency.Record(done.Sub(b.ReadAt))
 	r.processed.Add(1)
 	r.events.Add(uint64(len(b.Events)))
+	r.stageMu.Lock()
+	r.inStage = nil
+	r.stageMu.Unlock()
 	r.consQ <- b
+	return true
 }
 
 // deliver hands the block's events from index from on to the event sinks
@@ -520,7 +679,7 @@ func (r *Runner) deliver(b *Block, from int) int {
 	return len(all)
 }
 
-func (r *Runner) recordingHooks(rec *Recording) {
+func (r *Runner) recordingHooks(rec *Recording, gen uint64) bool {
 	for _, s := range r.cfg.Stages {
 		h, ok := s.(RecordingHooks)
 		if !ok {
@@ -532,10 +691,14 @@ func (r *Runner) recordingHooks(rec *Recording) {
 		} else {
 			err = h.StopRecording()
 		}
+		if !r.live(gen) {
+			return false
+		}
 		if err != nil {
 			r.log.Error("stage recording hook failed", zap.String("stage", s.Name()), zap.Error(err))
 		}
 	}
+	return true
 }
 
 func (r *Runner) consumeLoop() {

@@ -8,6 +8,8 @@
 // before returning.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,40 +44,90 @@ struct ephys_stage {
 	int nevents;
 	int64_t dropped;
 
+	// Spikes queued by add_python_spike: records, and the electrode names
+	// and waveforms they point into (buffers grown as needed and reused).
+	int64_t spike_lookback; // how far before the block a spike's sample may lie
+	ephys_out_spike spikes[EPHYS_MAX_SPIKES];
+	int nspikes;
+	int64_t spikes_dropped;
+	char *spike_names;
+	size_t spike_names_len, spike_names_cap;
+	float *spike_waves;
+	size_t spike_waves_len, spike_waves_cap;
+
 	PyObject *exc_type, *exc_value, *exc_tb;
 };
 
 static PyThreadState *main_ts;
-static unsigned long main_thread_id; // the interpreter thread, for ephys_interrupt
-// The per-block call in progress (changed with the GIL held), watched by
-// the Go watchdog for hung scripts.
-static int64_t call_id;
-static int call_active;
+static pthread_t main_thread; // the interpreter thread, which ephys_interrupt signals
+
+// The per-block call in progress, watched by the Go watchdog for hung
+// scripts: (call id << 2) | CALL_*. Only the interpreter thread starts and
+// ends calls; the watchdog may move an active call to CALL_ABANDONED.
+#define CALL_IDLE 0
+#define CALL_ACTIVE 1
+#define CALL_ABANDONED 2
+static uint64_t call_state;
 static int call_stage;
+static const char *call_what; // "process", "handle_ttl_event", a hook's name
 
-static void call_begin(ephys_stage *st) {
+// The call the watchdog wants interrupted and the TimeoutError's message.
+// The message is written before interrupt_for (release) and read after it
+// (acquire); it is only rewritten for a later call.
+static int64_t interrupt_for = -1;
+static char interrupt_msg[512];
+
+static void call_begin(ephys_stage *st, const char *what) {
 	__atomic_store_n(&call_stage, st->id, __ATOMIC_RELAXED);
-	__atomic_add_fetch(&call_id, 1, __ATOMIC_RELAXED);
-	__atomic_store_n(&call_active, 1, __ATOMIC_RELEASE);
+	__atomic_store_n(&call_what, what, __ATOMIC_RELAXED);
+	uint64_t id = (__atomic_load_n(&call_state, __ATOMIC_RELAXED) >> 2) + 1;
+	__atomic_store_n(&call_state, id << 2 | CALL_ACTIVE, __ATOMIC_RELEASE);
 }
 
-static int interrupt_pending; // GIL held
-
-static void call_end(void) {
-	// A TimeoutError scheduled too late to fire inside this call must not
-	// hit the next one.
-	if (interrupt_pending) {
-		PyThreadState_SetAsyncExc(main_thread_id, NULL);
-		interrupt_pending = 0;
-	}
-	__atomic_store_n(&call_active, 0, __ATOMIC_RELEASE);
+// call_end ends the call and says what happened to it from outside:
+// EPHYS_TIMED_OUT if the watchdog interrupted it, EPHYS_ABANDONED if it
+// gave up waiting for it.
+static int call_end(void) {
+	uint64_t id = __atomic_load_n(&call_state, __ATOMIC_RELAXED) >> 2;
+	uint64_t prev = __atomic_exchange_n(&call_state, id << 2 | CALL_IDLE, __ATOMIC_ACQ_REL);
+	int flags = 0;
+	if (__atomic_load_n(&interrupt_for, __ATOMIC_ACQUIRE) == (int64_t)id)
+		flags |= EPHYS_TIMED_OUT;
+	if ((prev & 3) == CALL_ABANDONED)
+		flags |= EPHYS_ABANDONED;
+	return flags;
 }
 
-int64_t ephys_call_state(int *active, int *stage) {
-	*active = __atomic_load_n(&call_active, __ATOMIC_ACQUIRE);
+int64_t ephys_call_state(int *status, int *stage, const char **what) {
+	uint64_t s = __atomic_load_n(&call_state, __ATOMIC_ACQUIRE);
+	*status = (int)(s & 3);
 	*stage = __atomic_load_n(&call_stage, __ATOMIC_RELAXED);
-	return __atomic_load_n(&call_id, __ATOMIC_RELAXED);
+	*what = __atomic_load_n(&call_what, __ATOMIC_RELAXED);
+	return (int64_t)(s >> 2);
 }
+
+int ephys_interrupt(int64_t id, const char *msg) {
+	uint64_t s = __atomic_load_n(&call_state, __ATOMIC_ACQUIRE);
+	if ((int64_t)(s >> 2) != id || (s & 3) == CALL_IDLE)
+		return 0;
+	if (__atomic_load_n(&interrupt_for, __ATOMIC_RELAXED) != id) {
+		snprintf(interrupt_msg, sizeof interrupt_msg, "%s", msg);
+		__atomic_store_n(&interrupt_for, id, __ATOMIC_RELEASE);
+	}
+	// Python's C handler (installed by signal.signal in ephys_init, without
+	// SA_RESTART) marks the signal tripped; the blocking call returns EINTR,
+	// CPython runs the Python-level handler, which raises TimeoutError.
+	return pthread_kill(main_thread, EPHYS_INTERRUPT_SIGNAL) == 0;
+}
+
+int ephys_abandon(int64_t id) {
+	uint64_t want = (uint64_t)id << 2 | CALL_ACTIVE;
+	return __atomic_compare_exchange_n(&call_state, &want, (uint64_t)id << 2 | CALL_ABANDONED, 0, __ATOMIC_ACQ_REL,
+	                                   __ATOMIC_ACQUIRE);
+}
+
+int ephys_interrupt_signal(void) { return EPHYS_INTERRUPT_SIGNAL; }
+
 static _Thread_local int on_interp_thread;
 static _Thread_local ephys_stage *current_stage; // for module-level add_python_event and logs
 
@@ -151,11 +203,208 @@ static PyObject *PythonProcessor_get_stage_id(PythonProcessorObject *self, void 
 	return PyLong_FromLong(self->stage ? self->stage->id : -1);
 }
 
+// ---------------------------------------------------------------- add_python_spike
+
+static PyObject *np_ascontiguousarray; // fetched at the first add_python_spike
+
+// spike_int reads an int argument of add_python_spike (an int or anything
+// with __index__, such as numpy.int64, but not bool or float).
+static int spike_int(PyObject *o, const char *what, long long *out) {
+	if (PyBool_Check(o) || !PyIndex_Check(o)) {
+		PyErr_Format(PyExc_TypeError, "add_python_spike: %s must be an int, got %.100s", what, Py_TYPE(o)->tp_name);
+		return -1;
+	}
+	PyObject *i = PyNumber_Index(o);
+	if (i == NULL)
+		return -1;
+	int overflow = 0;
+	*out = PyLong_AsLongLongAndOverflow(i, &overflow);
+	Py_DECREF(i);
+	if (*out == -1 && PyErr_Occurred())
+		return -1;
+	if (overflow) {
+		PyErr_Format(PyExc_ValueError, "add_python_spike: %s does not fit in 64 bits", what);
+		return -1;
+	}
+	return 0;
+}
+
+// spike_grow makes room for n more items of size bytes in *buf.
+static int spike_grow(void **buf, size_t *cap, size_t len, size_t n, size_t size) {
+	if (len + n <= *cap)
+		return 0;
+	size_t c = *cap ? *cap : 256;
+	while (c < len + n)
+		c *= 2;
+	void *p = realloc(*buf, c * size);
+	if (p == NULL) {
+		PyErr_NoMemory();
+		return -1;
+	}
+	*buf = p;
+	*cap = c;
+	return 0;
+}
+
+static PyObject *queue_spike(ephys_stage *st, PyObject *args, PyObject *kwargs) {
+	static char *kwlist[] = {"electrode_name", "sample_number", "sorted_id", "waveform", NULL};
+	PyObject *name, *sample, *sorted, *wave = Py_None;
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O:add_python_spike", kwlist, &name, &sample, &sorted, &wave))
+		return NULL;
+	if (!PyUnicode_Check(name)) {
+		PyErr_Format(PyExc_TypeError, "add_python_spike: electrode_name must be a str, got %.100s", Py_TYPE(name)->tp_name);
+		return NULL;
+	}
+	Py_ssize_t nlen;
+	const char *nm = PyUnicode_AsUTF8AndSize(name, &nlen);
+	if (nm == NULL)
+		return NULL;
+	if (nlen == 0 || nlen > EPHYS_MAX_ELECTRODE_NAME || memchr(nm, 0, (size_t)nlen) != NULL) {
+		PyErr_Format(PyExc_ValueError,
+		             "add_python_spike: electrode_name %R must be 1 to %d bytes of UTF-8 without NUL characters", name,
+		             EPHYS_MAX_ELECTRODE_NAME);
+		return NULL;
+	}
+	long long sn, sid;
+	if (spike_int(sample, "sample_number", &sn) < 0 || spike_int(sorted, "sorted_id", &sid) < 0)
+		return NULL;
+	if (st->block_samples > 0) {
+		long long lo = st->block_first - st->spike_lookback, hi = st->block_first + st->block_samples;
+		if (sn < lo || sn >= hi) {
+			PyErr_Format(PyExc_ValueError,
+			             "add_python_spike: sample_number %lld is outside [%lld, %lld): a spike's sample must lie in the "
+			             "current block [%lld, %lld) or at most %lld samples (1 s) before it",
+			             sn, lo, hi, (long long)st->block_first, hi, (long long)st->spike_lookback);
+			return NULL;
+		}
+	} else if (sn < 0) {
+		PyErr_Format(PyExc_ValueError, "add_python_spike: sample_number must be >= 0, got %lld", sn);
+		return NULL;
+	}
+	if (sid < 0 || sid > 65535) {
+		PyErr_Format(PyExc_ValueError,
+		             "add_python_spike: sorted_id must be 0..65535 (recorded as uint16 in clusters.npy), got %lld", sid);
+		return NULL;
+	}
+
+	int from_block = -1, channels = 0, samples = 0;
+	PyObject *arr = NULL;
+	Py_buffer view;
+	int have_view = 0;
+	if (wave == Py_None) {
+		from_block = goPyrtFindSpike(st->id, (char *)nm, (int)nlen, (int64_t)sn, &channels, &samples);
+		if (from_block < 0) {
+			PyErr_Format(PyExc_ValueError,
+			             "add_python_spike: waveform=None takes the waveform of the spike of electrode %R at sample %lld "
+			             "that came with this block, and there is none: pass waveform=<array of shape (channels, samples)>",
+			             name, sn);
+			return NULL;
+		}
+	} else {
+		if (np_ascontiguousarray == NULL) {
+			PyObject *np = PyImport_ImportModule("numpy");
+			if (np == NULL)
+				return NULL;
+			np_ascontiguousarray = PyObject_GetAttrString(np, "ascontiguousarray");
+			Py_DECREF(np);
+			if (np_ascontiguousarray == NULL)
+				return NULL;
+		}
+		arr = PyObject_CallFunctionObjArgs(np_ascontiguousarray, wave, np_float32, NULL);
+		if (arr == NULL) {
+			if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_ValueError)) {
+				PyObject *t, *v, *tb;
+				PyErr_Fetch(&t, &v, &tb);
+				PyErr_Format(PyExc_TypeError,
+				             "add_python_spike: waveform must be an array of numbers of shape (channels, samples) "
+				             "that converts to float32 (%S)",
+				             v ? v : Py_None);
+				Py_XDECREF(t);
+				Py_XDECREF(v);
+				Py_XDECREF(tb);
+			}
+			return NULL;
+		}
+		if (PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+			Py_DECREF(arr);
+			return NULL;
+		}
+		have_view = 1;
+		if (view.ndim != 2) {
+			PyErr_Format(PyExc_ValueError,
+			             "add_python_spike: waveform must be 2-D (channels, samples), got %d dimension%s%s", view.ndim,
+			             view.ndim == 1 ? "" : "s",
+			             view.ndim == 1 ? " (for one channel pass waveform[numpy.newaxis, :])" : "");
+			goto fail;
+		}
+		if (view.shape[0] < 1 || view.shape[1] < 1 ||
+		    view.shape[0] * view.shape[1] > EPHYS_MAX_SPIKE_VALUES) {
+			PyErr_Format(PyExc_ValueError,
+			             "add_python_spike: waveform has shape (%zd, %zd): it needs 1 or more channels and samples, and "
+			             "at most %d values in all",
+			             view.shape[0], view.shape[1], EPHYS_MAX_SPIKE_VALUES);
+			goto fail;
+		}
+		channels = (int)view.shape[0];
+		samples = (int)view.shape[1];
+	}
+
+	if (!st->accepting || st->nspikes >= EPHYS_MAX_SPIKES) {
+		// Like events, spikes queued while acquisition is not running are
+		// dropped; past EPHYS_MAX_SPIKES in one block they are counted.
+		if (st->accepting)
+			st->spikes_dropped++;
+		goto done;
+	}
+	size_t nvals = from_block >= 0 ? 0 : (size_t)channels * (size_t)samples;
+	if (spike_grow((void **)&st->spike_names, &st->spike_names_cap, st->spike_names_len, (size_t)nlen, 1) < 0 ||
+	    spike_grow((void **)&st->spike_waves, &st->spike_waves_cap, st->spike_waves_len, nvals, sizeof(float)) < 0)
+		goto fail;
+	ephys_out_spike *o = &st->spikes[st->nspikes++];
+	o->sample = sn;
+	o->sorted_id = (int32_t)sid;
+	o->channels = channels;
+	o->samples = samples;
+	o->from_block = from_block;
+	o->name_off = (int32_t)st->spike_names_len;
+	o->name_len = (int32_t)nlen;
+	memcpy(st->spike_names + st->spike_names_len, nm, (size_t)nlen);
+	st->spike_names_len += (size_t)nlen;
+	o->wave_off = (int64_t)st->spike_waves_len;
+	if (nvals > 0) {
+		memcpy(st->spike_waves + st->spike_waves_len, view.buf, nvals * sizeof(float));
+		st->spike_waves_len += nvals;
+	}
+done:
+	if (have_view)
+		PyBuffer_Release(&view);
+	Py_XDECREF(arr);
+	Py_RETURN_NONE;
+fail:
+	if (have_view)
+		PyBuffer_Release(&view);
+	Py_XDECREF(arr);
+	return NULL;
+}
+
+static PyObject *PythonProcessor_add_python_spike(PythonProcessorObject *self, PyObject *args, PyObject *kwargs) {
+	if (self->stage == NULL) {
+		PyErr_SetString(PyExc_RuntimeError, "add_python_spike: this PythonProcessor is not attached to an ephysd stage");
+		return NULL;
+	}
+	return queue_spike(self->stage, args, kwargs);
+}
+
 static PyMethodDef PythonProcessor_methods[] = {
 	{"add_python_event", (PyCFunction)(void (*)(void))PythonProcessor_add_python_event, METH_VARARGS | METH_KEYWORDS,
 	 "add_python_event(line, state, sample_number=None)\n--\n\n"
 	 "Queue a TTL event on the stage's output channel. Without sample_number the event\n"
 	 "is stamped with the block's first sample number (as in Open Ephys)."},
+	{"add_python_spike", (PyCFunction)(void (*)(void))PythonProcessor_add_python_spike, METH_VARARGS | METH_KEYWORDS,
+	 "add_python_spike(electrode_name, sample_number, sorted_id, waveform=None)\n--\n\n"
+	 "Emit a spike from this stage (ephysd extension): it reaches later stages' handle_spike and\n"
+	 "the recording. waveform is a (channels, samples) array in uV; None takes the waveform of\n"
+	 "the spike of that electrode and sample number that came with this block (relabelling)."},
 	{NULL}};
 
 static PyGetSetDef PythonProcessor_getset[] = {
@@ -195,10 +444,21 @@ static PyObject *module_log(PyObject *mod, PyObject *args) {
 	Py_RETURN_NONE;
 }
 
+// _interrupt_due: the TimeoutError message if the watchdog asked to
+// interrupt the call in progress, else None. The signal handler asks it, so
+// that a stray or late signal does not hit another call.
+static PyObject *module_interrupt_due(PyObject *mod, PyObject *unused) {
+	uint64_t s = __atomic_load_n(&call_state, __ATOMIC_ACQUIRE);
+	if ((s & 3) == CALL_IDLE || __atomic_load_n(&interrupt_for, __ATOMIC_ACQUIRE) != (int64_t)(s >> 2))
+		Py_RETURN_NONE;
+	return PyUnicode_FromString(interrupt_msg);
+}
+
 static PyMethodDef oe_methods[] = {
 	{"add_python_event", (PyCFunction)(void (*)(void))module_add_python_event, METH_VARARGS | METH_KEYWORDS,
 	 "add_python_event(line, state, sample_number=None): queue an event from the stage being called."},
 	{"_log", module_log, METH_VARARGS, "internal: a line of the stage's stdout (1) or stderr (2)"},
+	{"_interrupt_due", module_interrupt_due, METH_NOARGS, "internal: the watchdog's TimeoutError message, or None"},
 	{NULL}};
 
 static struct PyModuleDef oe_module = {PyModuleDef_HEAD_INIT, "oe_pyprocessor",
@@ -256,6 +516,27 @@ static const char *boot_source =
 	"    _oe._log(2, 'ephysd: signal.signal(%r, ...) ignored: the daemon handles signals' % (signalnum,))\n"
 	"    return _signal.getsignal(signalnum)\n"
 	"_signal.signal = _ephysd_signal\n"
+	"def _ephysd_interrupt(signum, frame):\n"
+	"    # ephysd's watchdog signals the interpreter thread when a call runs past\n"
+	"    # python.block_timeout_ms; CPython runs this handler at the next\n"
+	"    # bytecode or when the blocking call it is in returns EINTR.\n"
+	"    msg = _oe._interrupt_due()\n"
+	"    if msg is not None:\n"
+	"        raise TimeoutError(msg)\n"
+	"def install_interrupt(signum):\n"
+	"    _signal_signal(signum, _ephysd_interrupt)\n"
+	"def clear_frames(v):\n"
+	"    # The frames of a kept traceback would hold the script's locals\n"
+	"    # (the block's data array among them) until the error is taken.\n"
+	"    todo, seen = [v], set()\n"
+	"    while todo:\n"
+	"        e = todo.pop()\n"
+	"        if e is None or id(e) in seen:\n"
+	"            continue\n"
+	"        seen.add(id(e))\n"
+	"        traceback.clear_frames(e.__traceback__)\n"
+	"        todo.append(e.__cause__)\n"
+	"        todo.append(e.__context__)\n"
 	"sys.stdout = _Stream(1)\n"
 	"sys.stderr = _Stream(2)\n"
 	"def load(modname, path, folder):\n"
@@ -298,7 +579,10 @@ static const char *boot_source =
 	"    return cls(processor, num_channels, sample_rate)\n"
 	"def format_error(t, v, tb, full):\n"
 	"    if full:\n"
-	"        return ''.join(traceback.format_exception(t, v, tb)).rstrip()\n"
+	"        te = traceback.TracebackException(t, v, tb)\n"
+	"        # the watchdog's handler is not the script's code\n"
+	"        te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename != '<ephysd>'])\n"
+	"        return ''.join(te.format()).rstrip()\n"
 	"    return ''.join(traceback.format_exception_only(t, v)).rstrip()\n";
 
 static char *fetch_error_text(void) {
@@ -364,7 +648,7 @@ int ephys_init(const char *program, const char *stdlib_check, double switch_inte
 		return -1;
 	}
 	on_interp_thread = 1;
-	main_thread_id = PyThread_get_thread_ident();
+	main_thread = pthread_self();
 
 	PyObject *sys = PyImport_ImportModule("sys");
 	if (sys != NULL) {
@@ -382,6 +666,10 @@ int ephys_init(const char *program, const char *stdlib_check, double switch_inte
 	Py_DECREF(code);
 	if (boot == NULL)
 		goto fail;
+	PyObject *inst = PyObject_CallMethod(boot, "install_interrupt", "i", EPHYS_INTERRUPT_SIGNAL);
+	if (inst == NULL)
+		goto fail;
+	Py_DECREF(inst);
 
 	PyObject *np = PyImport_ImportModule("numpy");
 	if (np == NULL) {
@@ -447,20 +735,6 @@ int ephys_run_string(const char *src, char **err) {
 	Py_DECREF(globals);
 	PyGILState_Release(g);
 	return rc;
-}
-
-int ephys_interrupt(int64_t id) {
-	// Takes the GIL from the running Python code at its next switch
-	// interval, then, if the same call is still running, schedules
-	// TimeoutError in the interpreter thread.
-	PyGILState_STATE g = PyGILState_Ensure();
-	int n = 0;
-	if (call_active && call_id == id) {
-		n = PyThreadState_SetAsyncExc(main_thread_id, PyExc_TimeoutError);
-		interrupt_pending = 1;
-	}
-	PyGILState_Release(g);
-	return n;
 }
 
 int ephys_register_channel(int processor_id, const char *name) {
@@ -593,6 +867,12 @@ static void keep_error(ephys_stage *st) {
 	Py_XDECREF(st->exc_tb);
 	PyErr_Fetch(&st->exc_type, &st->exc_value, &st->exc_tb);
 	PyErr_NormalizeException(&st->exc_type, &st->exc_value, &st->exc_tb);
+	if (st->exc_value != NULL && st->exc_tb != NULL) {
+		PyException_SetTraceback(st->exc_value, st->exc_tb);
+		PyObject *r = PyObject_CallMethod(boot, "clear_frames", "O", st->exc_value);
+		Py_XDECREF(r);
+		PyErr_Clear();
+	}
 }
 
 char *ephys_stage_error(ephys_stage *st, int full) {
@@ -631,7 +911,7 @@ int ephys_stage_process(ephys_stage *st, float *data, int channels, int samples,
 	if (st->m_process == NULL)
 		return 2;
 	PyEval_RestoreThread(main_ts);
-	call_begin(st);
+	call_begin(st, "process");
 	current_stage = st;
 	st->block_first = first;
 	st->block_samples = samples;
@@ -670,7 +950,7 @@ out:
 	}
 	st->block_samples = 0;
 	current_stage = NULL;
-	call_end();
+	rc |= call_end();
 	main_ts = PyEval_SaveThread();
 	return rc;
 }
@@ -681,7 +961,7 @@ int ephys_stage_ttl(ephys_stage *st, int source_node, int line, int state, int64
 	if (st->m_ttl == NULL)
 		return 2;
 	PyEval_RestoreThread(main_ts);
-	call_begin(st);
+	call_begin(st, "handle_ttl_event");
 	current_stage = st;
 	int rc = 0;
 	PyObject *node = PyLong_FromLong(source_node);
@@ -708,7 +988,7 @@ int ephys_stage_ttl(ephys_stage *st, int source_node, int line, int state, int64
 	Py_XDECREF(sn);
 	Py_XDECREF(ln);
 	current_stage = NULL;
-	call_end();
+	rc |= call_end();
 	main_ts = PyEval_SaveThread();
 	return rc;
 }
@@ -720,7 +1000,7 @@ int ephys_stage_spike(ephys_stage *st, int source_node, const char *electrode, i
 	if (st->m_spike == NULL)
 		return 2;
 	PyEval_RestoreThread(main_ts);
-	call_begin(st);
+	call_begin(st, "handle_spike");
 	current_stage = st;
 	int rc = 0;
 	// The waveform is copied into immutable bytes, so the array is read-only
@@ -741,7 +1021,7 @@ int ephys_stage_spike(ephys_stage *st, int source_node, const char *electrode, i
 	Py_XDECREF(flat);
 	Py_XDECREF(bytes);
 	current_stage = NULL;
-	call_end();
+	rc |= call_end();
 	main_ts = PyEval_SaveThread();
 	return rc;
 }
@@ -752,6 +1032,7 @@ int ephys_stage_hook(ephys_stage *st, int which, const char *arg) {
 	if (which < 0 || which > 3 || st->m_hooks[which] == NULL)
 		return 2;
 	PyEval_RestoreThread(main_ts);
+	call_begin(st, hook_names[which]);
 	current_stage = st;
 	int rc = 0;
 	PyObject *res = arg ? PyObject_CallFunction(st->m_hooks[which], "s", arg) : PyObject_CallNoArgs(st->m_hooks[which]);
@@ -768,6 +1049,7 @@ int ephys_stage_hook(ephys_stage *st, int which, const char *arg) {
 		PyErr_Clear();
 	}
 	current_stage = NULL;
+	rc |= call_end();
 	main_ts = PyEval_SaveThread();
 	return rc;
 }
@@ -781,4 +1063,30 @@ int64_t ephys_stage_dropped(ephys_stage *st) { return st->dropped; }
 void ephys_stage_events_reset(ephys_stage *st) {
 	st->nevents = 0;
 	st->dropped = 0;
+	ephys_stage_spikes_reset(st);
+}
+
+// ---------------------------------------------------------------- spikes out
+
+void ephys_stage_set_block(ephys_stage *st, int64_t first, int samples, int64_t spike_lookback) {
+	st->block_first = first;
+	st->block_samples = samples;
+	st->spike_lookback = spike_lookback;
+}
+
+ephys_out_spike *ephys_stage_spikes(ephys_stage *st) { return st->spikes; }
+
+int ephys_stage_nspikes(ephys_stage *st) { return st->nspikes; }
+
+int64_t ephys_stage_spikes_dropped(ephys_stage *st) { return st->spikes_dropped; }
+
+const char *ephys_stage_spike_names(ephys_stage *st) { return st->spike_names; }
+
+const float *ephys_stage_spike_waves(ephys_stage *st) { return st->spike_waves; }
+
+void ephys_stage_spikes_reset(ephys_stage *st) {
+	st->nspikes = 0;
+	st->spikes_dropped = 0;
+	st->spike_names_len = 0;
+	st->spike_waves_len = 0;
 }

@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 	if venv := os.Getenv("PYRT_TEST_VENV"); venv != "" {
 		os.Exit(venvHelper(venv))
 	}
+	if name := os.Getenv("PYRT_TEST_STUCK"); name != "" {
+		os.Exit(stuckHelper(name))
+	}
 	dir, err := os.MkdirTemp("", "pyrt-path")
 	if err != nil {
 		panic(err)
@@ -813,8 +816,9 @@ assert signal.getsignal(signal.SIGINT) is before, "a script replaced the SIGINT 
 	}
 }
 
-// A script stuck in an endless loop gets TimeoutError from the watchdog:
-// contained like any exception, and the next blocks go to Python again.
+// A script stuck in an endless loop gets TimeoutError from the watchdog
+// after the default 2 s: the stage fails and passes the block it hung on,
+// and every later one, through unchanged until it is reloaded.
 func TestHungProcessIsInterrupted(t *testing.T) {
 	path := writeModule(t, "", "hang.py", `
 class PyProcessor:
@@ -830,20 +834,32 @@ class PyProcessor:
 	s := newStage(t, path, 1)
 	start := time.Now()
 	col := runPipeline(t, 1, 10, 4, []pipeline.Stage{s}, nil)
-	if time.Since(start) < 2*time.Second {
+	if time.Since(start) < DefaultBlockTimeout {
 		t.Fatalf("interrupted before the 2 s limit")
 	}
 	for bi, d := range col.data {
-		want := inputValue(0, col.first[bi]) + 1
-		if bi == 1 {
-			want = inputValue(0, col.first[bi])
+		want := inputValue(0, col.first[bi])
+		if bi == 0 {
+			want++
 		}
 		if d[0] != want {
 			t.Fatalf("block %d: %v want %v", bi, d[0], want)
 		}
 	}
-	if st := s.Status(); !strings.Contains(st.LastError, "TimeoutError") || st.Errors != 1 {
+	st := s.Status()
+	if st.State != "failed" || !st.PassThrough || st.Timeouts != 1 || st.Errors != 1 || !strings.Contains(st.LastError, "TimeoutError: process() ran longer than 2s") {
 		t.Fatalf("status %+v", st)
+	}
+	// A reload re-enables it.
+	if err := s.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if st := s.Status(); st.State != "running" || st.PassThrough {
+		t.Fatalf("after reload: %+v", st)
+	}
+	col = runPipeline(t, 1, 10, 1, []pipeline.Stage{s}, nil)
+	if col.data[0][0] != inputValue(0, 0)+1 {
+		t.Fatalf("reloaded stage did not run: %v", col.data[0][0])
 	}
 }
 

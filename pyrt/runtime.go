@@ -30,6 +30,7 @@ package pyrt
 import "C"
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
 	"strings"
@@ -52,15 +53,35 @@ type Config struct {
 	// A script that starts a busy Python thread delays every call by up to this
 	// much. Default 100 µs.
 	SwitchInterval time.Duration
-	// BlockTimeout is how long one per-block call (process or a handler)
-	// may run before ephysd raises TimeoutError in it; 0 means 2 s, < 0
-	// never. A pure-Python loop is interrupted; code blocked inside C (a
-	// sleep, a read) is interrupted when it returns to Python.
+	// BlockTimeout is how long one call into a stage's script (process, a
+	// handler or a hook) may run before ephysd interrupts it with
+	// TimeoutError; 0 means 2 s, < 0 never. See Runtime for what is
+	// interrupted and what happens next. A later Start with the same
+	// interpreter sets it anew.
 	BlockTimeout time.Duration
 	Log          *zap.Logger
 }
 
 // Runtime is the process's embedded Python.
+//
+// Hung scripts: a watchdog interrupts a call into a script that runs longer
+// than Config.BlockTimeout. It signals the interpreter thread
+// (SIGRTMIN+6, handled by CPython's own signal handler, without
+// SA_RESTART), so a pure-Python loop raises TimeoutError at its next
+// bytecode, and a blocking call — time.sleep, select, socket and pipe
+// reads, lock and Event waits, subprocess waits, a regular expression that
+// backtracks for ever — returns EINTR and raises it there. The stage then
+// fails: it passes data through until reloaded (Stage).
+//
+// A call that is still running MaxStall after it began — C code that
+// neither returns nor checks for signals (a C extension or ctypes call
+// blocked in pthread_mutex_lock or pthread_join, a C loop), or a script
+// that swallows every TimeoutError — is given up: the runtime is then
+// Stuck for the rest of the process. Every stage passes data through, a
+// pipeline running its stage loop on the interpreter thread continues on
+// another goroutine (pipeline.AbandonableExecutor), calls that need the
+// interpreter fail at once instead of waiting for it, and the operator
+// restarts ephysd.
 type Runtime struct {
 	log         *zap.Logger
 	interp      Interpreter
@@ -69,6 +90,15 @@ type Runtime struct {
 	loops       chan func(<-chan func())
 	mu          sync.Mutex
 	moduleNames map[string]int // module name -> stage id
+
+	limit atomic.Int64 // BlockTimeout in ns; <= 0: never interrupt
+
+	stuckMu     sync.Mutex
+	stuck       atomic.Bool
+	stuckCh     chan struct{} // closed when the interpreter thread is given up
+	abandonDone chan struct{} // closed once the runner continued elsewhere
+	stuckWhy    string
+	onAbandon   func() // the abandon callback of the loop on the thread
 }
 
 var (
@@ -99,6 +129,7 @@ func Start(cfg Config) (*Runtime, error) {
 		if started.interp.Executable != in.Executable {
 			return nil, fmt.Errorf("python: this process already runs %s; restart ephysd to switch to %s", started.interp.Executable, in.Executable)
 		}
+		started.setLimit(cfg.BlockTimeout)
 		return started, nil
 	}
 	if cfg.SwitchInterval <= 0 {
@@ -114,18 +145,16 @@ func Start(cfg Config) (*Runtime, error) {
 		tasks:       make(chan func()),
 		loops:       make(chan func(<-chan func())),
 		moduleNames: map[string]int{},
+		stuckCh:     make(chan struct{}),
+		abandonDone: make(chan struct{}),
 	}
+	rt.setLimit(cfg.BlockTimeout)
 	ready := make(chan error, 1)
 	go rt.thread(cfg, ready)
 	if err := <-ready; err != nil {
 		return nil, err
 	}
-	if cfg.BlockTimeout == 0 {
-		cfg.BlockTimeout = 2 * time.Second
-	}
-	if cfg.BlockTimeout > 0 {
-		go rt.watchdog(cfg.BlockTimeout)
-	}
+	go rt.watchdog()
 	started = rt
 	return rt, nil
 }
@@ -176,38 +205,169 @@ func (rt *Runtime) thread(cfg Config, ready chan<- error) {
 	}
 }
 
-// watchdog raises TimeoutError in a per-block Python call that has run
-// longer than limit, once per call.
-func (rt *Runtime) watchdog(limit time.Duration) {
-	tick := limit / 4
-	if tick < 10*time.Millisecond {
-		tick = 10 * time.Millisecond
+// DefaultBlockTimeout is Config.BlockTimeout's default.
+const DefaultBlockTimeout = 2 * time.Second
+
+func (rt *Runtime) setLimit(d time.Duration) {
+	if d == 0 {
+		d = DefaultBlockTimeout
 	}
-	var seen, interrupted C.int64_t = -1, -1
-	var since time.Time
-	for now := range time.Tick(tick) {
-		var active, stage C.int
-		id := C.ephys_call_state(&active, &stage)
-		if active == 0 {
+	rt.limit.Store(int64(d))
+}
+
+// BlockTimeout is the limit in force (< 0: never).
+func (rt *Runtime) BlockTimeout() time.Duration { return time.Duration(rt.limit.Load()) }
+
+// watchTick is how often the watchdog looks at the call in progress: a
+// call is interrupted between limit and limit + watchTick after it began.
+func watchTick(limit time.Duration) time.Duration {
+	return min(max(limit/20, 5*time.Millisecond), 100*time.Millisecond)
+}
+
+// giveUpAfter is how long after the interruption the watchdog waits for a
+// call before giving up the interpreter thread: long enough that a busy
+// machine never makes it give up a call that is returning.
+func giveUpAfter(limit time.Duration) time.Duration {
+	return min(max(limit/2, time.Second), 5*time.Second)
+}
+
+// MaxStall is the longest one call into a script can hold up the stage
+// thread with this BlockTimeout: the limit, the watchdog's resolution, and
+// the time it waits after interrupting before it gives up the thread. A
+// pipeline whose queue before the stages holds this much more loses no
+// block to a hung script. 0 if calls are never interrupted (limit < 0).
+func MaxStall(limit time.Duration) time.Duration {
+	if limit == 0 {
+		limit = DefaultBlockTimeout
+	}
+	if limit < 0 {
+		return 0
+	}
+	return limit + giveUpAfter(limit) + 2*watchTick(limit)
+}
+
+// watchdog interrupts calls into scripts that run past the limit, again
+// every watch tick while they keep running, and gives up the interpreter
+// thread if one is still running giveUpAfter the first interruption.
+func (rt *Runtime) watchdog() {
+	var seen int64 = -1
+	var since, interrupted time.Time
+	for {
+		limit := rt.BlockTimeout()
+		tick := watchTick(limit)
+		if limit < 0 {
+			tick = 100 * time.Millisecond
+		}
+		time.Sleep(tick)
+		now := time.Now()
+		id, status, stage, what := currentCall()
+		if status == 0 {
 			seen = -1
 			continue
 		}
 		if id != seen {
-			seen, since = id, now
+			seen, since, interrupted = id, now, time.Time{}
 			continue
 		}
-		if id == interrupted || now.Sub(since) < limit {
+		if rt.stuck.Load() {
+			// Given up, but keep interrupting: a script that swallows a
+			// few TimeoutErrors frees the CPU once it lets one through.
+			if now.Sub(interrupted) >= time.Second {
+				interrupted = now
+				rt.interrupt(id, "")
+			}
 			continue
 		}
-		name := fmt.Sprint(int(stage))
-		if v, ok := stageNames.Load(int(stage)); ok {
-			name = v.(*Stage).name
+		running := now.Sub(since)
+		if limit < 0 || running < limit {
+			continue
 		}
-		rt.log.Warn("python stage is stuck in one call; raising TimeoutError in it (blocks meanwhile are dropped as overruns)",
-			zap.String("stage", name), zap.Duration("running_for", now.Sub(since)), zap.Duration("limit", limit))
-		interrupted = id
-		C.ephys_interrupt(id)
+		name := stageName(stage)
+		call := what
+		if interrupted.IsZero() {
+			interrupted = now
+			rt.log.Warn("python stage is stuck in one call; interrupting it with TimeoutError",
+				zap.String("stage", name), zap.String("in", call), zap.Duration("running_for", running.Round(time.Millisecond)),
+				zap.Duration("limit", limit))
+			rt.interrupt(id, fmt.Sprintf("ephysd: %s() of stage %s ran longer than %s (python.block_timeout_ms) and was interrupted",
+				call, name, limit))
+			continue
+		}
+		if now.Sub(interrupted) < giveUpAfter(limit) {
+			rt.interrupt(id, "")
+			continue
+		}
+		if C.ephys_abandon(C.int64_t(id)) == 1 {
+			rt.giveUp(name, call, running)
+		}
 	}
+}
+
+// currentCall is the latest call into a script: its id, state (0 ended, 1
+// running, 2 given up), stage id and what it calls.
+func currentCall() (id int64, status int, stage int, what string) {
+	var cstatus, cstage C.int
+	var cwhat *C.char
+	cid := C.ephys_call_state(&cstatus, &cstage, &cwhat)
+	if cwhat != nil {
+		what = C.GoString(cwhat)
+	}
+	return int64(cid), int(cstatus), int(cstage), what
+}
+
+// interrupt signals call id to raise TimeoutError(msg) (msg is used by
+// the first interruption of a call).
+func (rt *Runtime) interrupt(id int64, msg string) bool {
+	cs := C.CString(msg)
+	defer C.free(unsafe.Pointer(cs))
+	return C.ephys_interrupt(C.int64_t(id), cs) == 1
+}
+
+func stageName(id int) string {
+	if v, ok := stageNames.Load(id); ok {
+		return v.(*Stage).name
+	}
+	return fmt.Sprint(id)
+}
+
+// giveUp marks the runtime stuck, lets the pipeline on the thread continue
+// elsewhere, and then lets the stuck call, if it ever returns, go back to
+// that pipeline (which finds itself replaced).
+func (rt *Runtime) giveUp(name, call string, running time.Duration) {
+	rt.stuckMu.Lock()
+	rt.stuckWhy = fmt.Sprintf("the Python interpreter is stuck in %s() of stage %s: it did not return within %s of being interrupted; every Python stage passes data through — restart ephysd to run them again",
+		call, name, giveUpAfter(rt.BlockTimeout()))
+	rt.stuck.Store(true)
+	close(rt.stuckCh)
+	abandon := rt.onAbandon
+	rt.onAbandon = nil
+	rt.stuckMu.Unlock()
+	rt.log.Error("python stage does not return after being interrupted: ephysd no longer waits for the Python interpreter; "+
+		"every Python stage passes data through unchanged until ephysd is restarted (the block it holds is lost, counted as an overrun)",
+		zap.String("stage", name), zap.String("in", call), zap.Duration("running_for", running.Round(time.Millisecond)),
+		zap.String("fix", "find out why "+call+"() blocks in C code (a C extension, ctypes), fix it, then restart ephysd (systemctl restart ephysd)"))
+	if abandon != nil {
+		abandon()
+	}
+	close(rt.abandonDone)
+}
+
+// Stuck reports whether the interpreter thread was given up (see Runtime)
+// and why.
+func (rt *Runtime) Stuck() (bool, string) {
+	if !rt.stuck.Load() {
+		return false, ""
+	}
+	rt.stuckMu.Lock()
+	defer rt.stuckMu.Unlock()
+	return true, rt.stuckWhy
+}
+
+// errStuck is the error of anything that needs the interpreter once it is
+// stuck.
+func (rt *Runtime) errStuck() error {
+	_, why := rt.Stuck()
+	return errors.New(why)
 }
 
 // Interpreter describes the Python in use.
@@ -217,19 +377,60 @@ func (rt *Runtime) Interpreter() Interpreter { return rt.interp }
 func (rt *Runtime) NumpyVersion() string { return rt.numpy }
 
 // Do runs fn on the interpreter thread and waits for it. While a pipeline
-// runs its stage loop there, fn runs between two blocks.
-func (rt *Runtime) Do(fn func()) {
+// runs its stage loop there, fn runs between two blocks. Once the runtime
+// is Stuck, fn does not run (or is no longer waited for).
+func (rt *Runtime) Do(fn func()) { _ = rt.do(fn) }
+
+func (rt *Runtime) do(fn func()) error {
+	if rt.stuck.Load() {
+		return rt.errStuck()
+	}
 	done := make(chan struct{})
-	rt.tasks <- func() { fn(); close(done) }
-	<-done
+	select {
+	case rt.tasks <- func() { fn(); close(done) }:
+	case <-rt.stuckCh:
+		return rt.errStuck()
+	}
+	select {
+	case <-done:
+		return nil
+	case <-rt.stuckCh:
+		return rt.errStuck()
+	}
 }
 
 // Execute runs a pipeline stage loop on the interpreter thread
-// (pipeline.Executor).
-func (rt *Runtime) Execute(loop func(tasks <-chan func())) { rt.loops <- loop }
+// (pipeline.Executor); on a new goroutine once the runtime is Stuck.
+func (rt *Runtime) Execute(loop func(tasks <-chan func())) { rt.ExecuteAbandonable(loop, nil) }
+
+// ExecuteAbandonable is Execute, and calls abandon if the interpreter
+// thread is given up while loop runs there
+// (pipeline.AbandonableExecutor).
+func (rt *Runtime) ExecuteAbandonable(loop func(tasks <-chan func()), abandon func()) {
+	run := func(tasks <-chan func()) {
+		rt.stuckMu.Lock()
+		rt.onAbandon = abandon
+		rt.stuckMu.Unlock()
+		loop(tasks)
+		rt.stuckMu.Lock()
+		rt.onAbandon = nil
+		rt.stuckMu.Unlock()
+	}
+	if !rt.stuck.Load() {
+		select {
+		case rt.loops <- run:
+			return
+		case <-rt.stuckCh:
+		}
+	}
+	go loop(nil)
+}
 
 // RunString runs Python source in a fresh namespace (diagnostics, tests).
 func (rt *Runtime) RunString(src string) error {
+	if rt.stuck.Load() {
+		return rt.errStuck()
+	}
 	cs := C.CString(src)
 	defer C.free(unsafe.Pointer(cs))
 	var cerr *C.char
@@ -243,6 +444,9 @@ func (rt *Runtime) RunString(src string) error {
 // RegisterEventChannel names the event channel of a processor, as passed to
 // handle_ttl_event's channel argument.
 func (rt *Runtime) RegisterEventChannel(processorID int, name string) {
+	if rt.stuck.Load() {
+		return // the channel name only matters to scripts, which no longer run
+	}
 	cs := C.CString(name)
 	C.ephys_register_channel(C.int(processorID), cs)
 	C.free(unsafe.Pointer(cs))

@@ -47,13 +47,32 @@ type StageConfig struct {
 
 // StageStatus is what the daemon reports about a stage.
 type StageStatus struct {
-	ID        int
-	Name      string
-	Path      string
-	State     string // "running", "failed" (raised; still called), "disabled", "not loaded"
-	Errors    uint64 // exceptions raised so far
-	LastError string // the last exception's last line
+	ID   int
+	Name string
+	Path string
+	// State is "running"; "failed": its last call raised and it is still
+	// called (on_error = "continue"), or it timed out or the interpreter is
+	// stuck and it passes data through; "disabled": it raised with
+	// on_error = "disable"; "not loaded".
+	State     string
+	Errors    uint64 // exceptions raised so far (a timeout is one)
+	LastError string // the last exception's last line, or why the stage passes data through
 	Retained  bool   // the script keeps a reference to a data array
+	// Timeouts counts calls the watchdog interrupted (python.block_timeout_ms).
+	Timeouts uint64
+	// PassThrough: Python is not called, blocks pass on unchanged, until a
+	// reload (or, when the interpreter is stuck, a restart of ephysd).
+	PassThrough bool
+	// Worker describes the worker process of a stage isolated in a process
+	// of its own (pyrt/isolated); nil for a stage in ephysd's interpreter.
+	Worker *WorkerStatus `json:",omitempty"`
+}
+
+// WorkerStatus is the state of an isolated stage's worker process.
+type WorkerStatus struct {
+	PID      int    // 0 while the worker is down or starting
+	Restarts uint64 // workers started after the first
+	LastExit string // how the last worker ended ("killed by signal SIGSEGV"), "" if none has
 }
 
 // Stage runs an Open Ephys Python Processor module as a pipeline stage.
@@ -74,6 +93,8 @@ type Stage struct {
 	loaded     bool
 	disabled   bool
 	failedNow  bool
+	timedOut   bool // a call ran past the block timeout: pass-through until reload
+	timeouts   uint64
 	errors     uint64
 	lastError  string
 	loggedFull bool
@@ -81,6 +102,7 @@ type Stage struct {
 
 	errLog     pipeline.LogLimiter
 	droppedLog pipeline.LogLimiter
+	spikes     stageSpikes // add_python_spike (spikes.go)
 
 	acquiring bool
 	recording *pipeline.Recording
@@ -119,6 +141,9 @@ func (rt *Runtime) NewStage(cfg StageConfig) (*Stage, error) {
 	rt.moduleNames[modname] = cfg.ID
 	rt.mu.Unlock()
 
+	if rt.stuck.Load() {
+		return nil, fmt.Errorf("python module %s: %w", abs, rt.errStuck())
+	}
 	cname := C.CString(name)
 	c := C.ephys_stage_new(C.int(cfg.ID), cname)
 	C.free(unsafe.Pointer(cname))
@@ -135,9 +160,23 @@ func (rt *Runtime) NewStage(cfg StageConfig) (*Stage, error) {
 	return s, s.Load()
 }
 
-// load imports the module and makes an instance (on the calling goroutine,
-// which takes the GIL), then makes it current on the interpreter thread.
+// load imports the module and makes an instance (on a goroutine of its
+// own, which takes the GIL). It does not wait for a stuck interpreter.
 func (s *Stage) load() error {
+	if s.rt.stuck.Load() {
+		return s.rt.errStuck()
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.loadNow() }()
+	select {
+	case err := <-done:
+		return err
+	case <-s.rt.stuckCh:
+		return s.rt.errStuck()
+	}
+}
+
+func (s *Stage) loadNow() error {
 	cpath := C.CString(s.cfg.Path)
 	cmod := C.CString(s.modname)
 	var cerr *C.char
@@ -170,7 +209,10 @@ func (e *LoadError) Error() string {
 func (s *Stage) Load() error {
 	err := s.load()
 	if err == nil {
-		s.rt.Do(func() { err = s.commit() })
+		res := make(chan error, 1)
+		if err = s.rt.do(func() { res <- s.commit() }); err == nil {
+			err = <-res
+		}
 	}
 	s.afterLoad(err)
 	return err
@@ -210,6 +252,7 @@ func (s *Stage) afterLoad(err error) {
 	s.loaded = true
 	s.disabled = false
 	s.failedNow = false
+	s.timedOut = false
 	s.loggedFull = false
 	s.lastError = ""
 	s.log.Info("python module loaded", zap.String("module", s.cfg.Path), zap.String("module_name", s.modname))
@@ -236,23 +279,29 @@ func lastLine(s string) string {
 // happens between two blocks, so no block is lost: the old instance gets
 // stop_recording/stop_acquisition if they apply, the new one
 // start_acquisition/start_recording. If the new version fails to load, the
-// old one keeps running and the error is returned.
+// old one keeps running and the error is returned. A stage that failed
+// (timed out, disabled) runs again after a successful reload; an old
+// instance that timed out gets no stop hooks.
 func (s *Stage) Reload() error {
 	err := s.load()
 	if err == nil {
-		s.rt.Do(func() {
-			if s.recording != nil {
+		res := make(chan error, 1)
+		err = s.rt.do(func() {
+			s.mu.Lock()
+			hung := s.timedOut
+			s.mu.Unlock()
+			if s.recording != nil && !hung {
 				s.hook(C.EPHYS_HOOK_STOP_REC, "", "stop_recording")
 			}
-			if s.acquiring {
+			if s.acquiring && !hung {
 				s.hook(C.EPHYS_HOOK_STOP_ACQ, "", "stop_acquisition")
 			}
-			err = s.commit()
-			if err != nil {
+			if err := s.commit(); err != nil {
+				res <- err
 				return
 			}
 			s.mu.Lock()
-			s.loaded, s.disabled, s.failedNow, s.loggedFull = true, false, false, false
+			s.loaded, s.disabled, s.failedNow, s.timedOut, s.loggedFull = true, false, false, false, false
 			s.mu.Unlock()
 			if s.acquiring {
 				s.hook(C.EPHYS_HOOK_START_ACQ, "", "start_acquisition")
@@ -260,7 +309,11 @@ func (s *Stage) Reload() error {
 			if s.recording != nil {
 				s.hook(C.EPHYS_HOOK_START_REC, s.recording.Dir, "start_recording")
 			}
+			res <- nil
 		})
+		if err == nil {
+			err = <-res
+		}
 	}
 	s.afterLoad(err)
 	return err
@@ -277,7 +330,11 @@ func (s *Stage) Path() string { return s.cfg.Path }
 
 // Retained reports whether the script kept a reference to a data array, so
 // the block memory must outlive the pipeline (pipeline.Pool.Close(keep)).
+// Once the interpreter is stuck, it may still write to the block it holds.
 func (s *Stage) Retained() bool {
+	if s.rt.stuck.Load() {
+		return true
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.retained
@@ -287,10 +344,16 @@ func (s *Stage) Retained() bool {
 func (s *Stage) Status() StageStatus {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := StageStatus{ID: s.cfg.ID, Name: s.name, Path: s.cfg.Path, Errors: s.errors, LastError: s.lastError, Retained: s.retained}
+	st := StageStatus{ID: s.cfg.ID, Name: s.name, Path: s.cfg.Path, Errors: s.errors, LastError: s.lastError, Retained: s.retained,
+		Timeouts: s.timeouts, PassThrough: !s.loaded || s.disabled || s.timedOut}
+	stuck, why := s.rt.Stuck()
 	switch {
+	case stuck:
+		st.State, st.LastError, st.PassThrough, st.Retained = "failed", why, true, true
 	case !s.loaded:
 		st.State = "not loaded"
+	case s.timedOut:
+		st.State = "failed"
 	case s.disabled:
 		st.State = "disabled"
 	case s.failedNow:
@@ -302,9 +365,12 @@ func (s *Stage) Status() StageStatus {
 }
 
 func (s *Stage) active() bool {
+	if s.rt.stuck.Load() {
+		return false
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.loaded && !s.disabled
+	return s.loaded && !s.disabled && !s.timedOut
 }
 
 // raised handles an exception the C side kept: logged once in full, then
@@ -357,12 +423,19 @@ func (s *Stage) takeError(full int) string {
 }
 
 func (s *Stage) hook(which C.int, arg string, name string) {
+	if s.rt.stuck.Load() {
+		return
+	}
 	var carg *C.char
 	if which == C.EPHYS_HOOK_START_REC {
 		carg = C.CString(arg)
 		defer C.free(unsafe.Pointer(carg))
 	}
-	switch C.ephys_stage_hook(s.c, which, carg) {
+	rc, end := s.ended(C.ephys_stage_hook(s.c, which, carg), name, -1)
+	if end != callReturned {
+		return
+	}
+	switch rc {
 	case 1:
 		s.raised(name, -1)
 	case -1:
@@ -370,9 +443,64 @@ func (s *Stage) hook(which C.int, arg string, name string) {
 	}
 }
 
+// callEnd is how a call into the script ended.
+type callEnd int
+
+const (
+	callReturned  callEnd = iota // by itself, in time (it may have raised)
+	callTimedOut                 // the watchdog interrupted it: the stage has failed
+	callAbandoned                // the watchdog gave up on it: the runtime is stuck
+)
+
+// ended interprets what a call into the script returned: its result (0,
+// 1 raised, 2 no such member, -1 wrong thread) without flags, and how it
+// ended. A call that timed out makes the stage fail: it passes data
+// through until reloaded, and what the call queued is dropped. A call
+// the watchdog gave up on waits until the pipeline has moved on without
+// it, then touches nothing.
+func (s *Stage) ended(rc C.int, where string, firstSample int64) (int, callEnd) {
+	if rc < 0 {
+		return -1, callReturned
+	}
+	code := int(rc &^ (C.EPHYS_RETAINED | C.EPHYS_TIMED_OUT | C.EPHYS_ABANDONED))
+	switch {
+	case rc&C.EPHYS_ABANDONED != 0:
+		<-s.rt.abandonDone
+		s.log.Warn("the python call ephysd had given up on has returned; Python stays off until ephysd is restarted",
+			zap.String("in", where))
+		return code, callAbandoned
+	case rc&C.EPHYS_TIMED_OUT != 0:
+		s.timedOutIn(where, firstSample, code == 1)
+		return code, callTimedOut
+	}
+	return code, callReturned
+}
+
+// timedOutIn fails the stage after the watchdog interrupted a call.
+func (s *Stage) timedOutIn(where string, firstSample int64, raised bool) {
+	text := "(it caught the TimeoutError and returned late)"
+	if raised {
+		text = s.takeError(1) // where it was stuck
+	}
+	C.ephys_stage_events_reset(s.c)
+	limit := s.rt.BlockTimeout()
+	s.mu.Lock()
+	s.errors++
+	s.timeouts++
+	s.timedOut, s.failedNow = true, true
+	s.lastError = fmt.Sprintf("TimeoutError: %s() ran longer than %s (python.block_timeout_ms); the stage passes data through until it is reloaded",
+		where, limit)
+	s.mu.Unlock()
+	s.log.Error("python stage timed out: the call was interrupted, and the stage passes data through unchanged until it is reloaded (ephysd reload, SIGHUP)",
+		zap.String("in", where), zap.Int64("first_sample", firstSample), zap.Duration("limit", limit), zap.String("traceback", text))
+}
+
 // StartAcquisition implements pipeline.AcquisitionHooks.
 func (s *Stage) StartAcquisition() error {
 	s.acquiring = true
+	if s.rt.stuck.Load() {
+		return nil
+	}
 	C.ephys_stage_set_accepting(s.c, 1)
 	if s.active() {
 		s.hook(C.EPHYS_HOOK_START_ACQ, "", "start_acquisition")
@@ -386,6 +514,12 @@ func (s *Stage) StopAcquisition() error {
 		s.hook(C.EPHYS_HOOK_STOP_ACQ, "", "stop_acquisition")
 	}
 	s.acquiring = false
+	if n := s.errLog.Pending(); n > 0 {
+		s.log.Warn("python stage raised more times than were logged", zap.Int("count", n))
+	}
+	if s.rt.stuck.Load() {
+		return nil
+	}
 	C.ephys_stage_set_accepting(s.c, 0)
 	C.ephys_stage_events_reset(s.c)
 	return nil
@@ -411,12 +545,16 @@ func (s *Stage) StopRecording() error {
 }
 
 // Process implements pipeline.Stage: TTL and spike handlers for the block's
-// events (from the source and from earlier stages), then process(data) on a
-// zero-copy view of the block, then the events the script queued.
+// events and spikes (from the source and from earlier stages, not this
+// stage's own), then process(data) on a zero-copy view of the block, then
+// the events and spikes the script queued (add_python_event,
+// add_python_spike).
 func (s *Stage) Process(b *pipeline.Block) error {
 	if !s.active() {
 		return nil
 	}
+	s.beginSpikes(b)
+	defer s.endSpikes(b)
 	for i := range b.Events {
 		e := &b.Events[i]
 		if e.Kind != pipeline.EventTTL || e.Processor == s.cfg.ID {
@@ -426,7 +564,11 @@ func (s *Stage) Process(b *pipeline.Block) error {
 		if e.State {
 			st = 1
 		}
-		rc := C.ephys_stage_ttl(s.c, C.int(e.Processor), C.int(e.Line), C.int(st), C.int64_t(e.SampleNumber))
+		rc, end := s.ended(C.ephys_stage_ttl(s.c, C.int(e.Processor), C.int(e.Line), C.int(st), C.int64_t(e.SampleNumber)),
+			"handle_ttl_event", b.FirstSample)
+		if end != callReturned {
+			return nil // the block passes on unchanged
+		}
 		if rc == 2 {
 			break // no handle_ttl_event
 		}
@@ -439,13 +581,17 @@ func (s *Stage) Process(b *pipeline.Block) error {
 	}
 	for i := range b.Spikes {
 		sp := &b.Spikes[i]
-		if len(sp.Waveform) == 0 {
+		if len(sp.Waveform) == 0 || sp.Processor == s.cfg.ID {
 			continue
 		}
 		el := C.CString(sp.Electrode)
-		rc := C.ephys_stage_spike(s.c, C.int(sp.Processor), el, C.int(sp.Channels), C.int(sp.Samples),
-			C.int64_t(sp.SampleNumber), C.int(sp.SortedID), (*C.float)(unsafe.Pointer(&sp.Waveform[0])))
+		rc, end := s.ended(C.ephys_stage_spike(s.c, C.int(sp.Processor), el, C.int(sp.Channels), C.int(sp.Samples),
+			C.int64_t(sp.SampleNumber), C.int(sp.SortedID), (*C.float)(unsafe.Pointer(&sp.Waveform[0]))),
+			"handle_spike", b.FirstSample)
 		C.free(unsafe.Pointer(el))
+		if end != callReturned {
+			return nil
+		}
 		if rc == 2 {
 			break
 		}
@@ -463,13 +609,20 @@ func (s *Stage) Process(b *pipeline.Block) error {
 	}
 	s.backup = s.backup[:n]
 	copy(s.backup, b.Data[:n])
-	rc := C.ephys_stage_process(s.c, (*C.float)(unsafe.Pointer(&b.Data[0])), C.int(b.Channels), C.int(b.Samples),
+	crc := C.ephys_stage_process(s.c, (*C.float)(unsafe.Pointer(&b.Data[0])), C.int(b.Channels), C.int(b.Samples),
 		C.int64_t(b.FirstSample))
-	if rc&C.EPHYS_RETAINED != 0 {
-		rc &^= C.EPHYS_RETAINED
+	if crc&C.EPHYS_RETAINED != 0 {
 		s.mu.Lock()
 		s.retained = true
 		s.mu.Unlock()
+	}
+	rc, end := s.ended(crc, "process", b.FirstSample)
+	switch end {
+	case callAbandoned:
+		return nil // the runner has dropped this block and moved on
+	case callTimedOut:
+		copy(b.Data[:n], s.backup)
+		return nil
 	}
 	switch rc {
 	case 0:
@@ -484,7 +637,8 @@ func (s *Stage) Process(b *pipeline.Block) error {
 	return nil
 }
 
-// emit moves the events queued by add_python_event into the block.
+// emit moves the events queued by add_python_event, then the spikes queued
+// by add_python_spike, into the block.
 func (s *Stage) emit(b *pipeline.Block) {
 	n := C.ephys_stage_nevents(s.c)
 	dropped := C.ephys_stage_dropped(s.c)
@@ -517,6 +671,7 @@ func (s *Stage) emit(b *pipeline.Block) {
 				zap.Int("kept", int(n)), zap.Int64("dropped", int64(dropped)), zap.Int("more_not_logged", more))
 		}
 	}
+	s.emitSpikes(b)
 	C.ephys_stage_events_reset(s.c)
 }
 

@@ -51,7 +51,7 @@ type oebin struct {
 	GUIVersion string            `json:"GUI version"`
 	Continuous []oebinContinuous `json:"continuous"`
 	Events     []oebinEvent      `json:"events"`
-	Spikes     []json.RawMessage `json:"spikes"`
+	Spikes     []oebinSpike      `json:"spikes"`
 }
 
 type oebinContinuous struct {
@@ -88,13 +88,42 @@ type oebinEvent struct {
 	InitialState    *int    `json:"initial_state,omitempty"`
 }
 
+// oebinSpike is one electrode (spike channel) of structure.oebin's "spikes"
+// list, with the fields Open Ephys 1.0 writes (open-ephys-python-tools
+// reads name, stream_name, sample_rate, num_channels, folder and
+// source_channels[0].bit_volts). Folder is relative to spikes/ and ends in
+// '/'. SourceProcessorName is ephysd's addition.
+type oebinSpike struct {
+	Name                string              `json:"name"`
+	Description         string              `json:"description"`
+	Identifier          string              `json:"identifier"`
+	SourceProcessorID   int                 `json:"source_processor_id"`
+	SourceProcessorName string              `json:"source_processor_name"`
+	StreamName          string              `json:"stream_name"`
+	SampleRate          float64             `json:"sample_rate"`
+	NumChannels         int                 `json:"num_channels"`
+	PrePeakSamples      int                 `json:"pre_peak_samples"`
+	PostPeakSamples     int                 `json:"post_peak_samples"`
+	Folder              string              `json:"folder"`
+	SourceChannels      []oebinSpikeChannel `json:"source_channels"`
+}
+
+// oebinSpikeChannel is one channel of an electrode: its continuous
+// channel's name and index in the stream, and the resolution of
+// waveforms.npy (int16 × bit_volts = µV).
+type oebinSpikeChannel struct {
+	Name       string  `json:"name"`
+	LocalIndex int     `json:"local_index"`
+	BitVolts   float64 `json:"bit_volts"`
+}
+
 // marshalOebin renders structure.oebin as Open Ephys does (indented JSON).
 func marshalOebin(o *oebin) ([]byte, error) {
 	if o.Events == nil {
 		o.Events = []oebinEvent{}
 	}
 	if o.Spikes == nil {
-		o.Spikes = []json.RawMessage{}
+		o.Spikes = []oebinSpike{}
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)

@@ -19,20 +19,37 @@ const npyCountDigits = 20
 // npyHeaderSize is the total size (magic, length and dict, padded) of a .npy
 // header for dtype descr with room for a 20-digit count: a multiple of 64, as
 // numpy writes it, so that the data starts aligned.
-func npyHeaderSize(descr string) int {
-	n := len(npyMagic) + 2 + len(npyDict(descr, "")) + npyCountDigits + 1
+func npyHeaderSize(descr string) int { return npyHeaderSizeDims(descr, "") }
+
+// npyHeaderSizeDims is npyHeaderSize for records that are arrays
+// themselves: dims is the rest of the shape after the count, as text (", 4,
+// 40" for shape (count, 4, 40)), "" for a one-dimensional array.
+func npyHeaderSizeDims(descr, dims string) int {
+	n := len(npyMagic) + 2 + len(npyDict(descr, "", dims)) + npyCountDigits + 1
 	return (n + 63) / 64 * 64
 }
 
-// npyDict is the header dict with count spliced in as text.
-func npyDict(descr, count string) string {
-	return "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + count + ",), }"
+// npyDict is the header dict with count (and dims) spliced in as text.
+func npyDict(descr, count, dims string) string {
+	if dims == "" {
+		dims = ","
+	}
+	return "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + count + dims + "), }"
 }
 
 // appendNpyHeader appends a .npy 1.0 header of exactly size bytes describing
 // a one-dimensional array of count records of dtype descr. It does not
 // allocate when dst has room for size more bytes.
 func appendNpyHeader(dst []byte, size int, descr string, count int64) []byte {
+	return appendNpyHeaderDims(dst, size, descr, count, "")
+}
+
+// appendNpyHeaderDims is appendNpyHeader for an array of shape (count +
+// dims) (see npyHeaderSizeDims).
+func appendNpyHeaderDims(dst []byte, size int, descr string, count int64, dims string) []byte {
+	if dims == "" {
+		dims = ","
+	}
 	start := len(dst)
 	dst = append(dst, npyMagic...)
 	dst = binary.LittleEndian.AppendUint16(dst, uint16(size-len(npyMagic)-2))
@@ -40,7 +57,8 @@ func appendNpyHeader(dst []byte, size int, descr string, count int64) []byte {
 	dst = append(dst, descr...)
 	dst = append(dst, "', 'fortran_order': False, 'shape': ("...)
 	dst = strconv.AppendInt(dst, count, 10)
-	dst = append(dst, ",), }"...)
+	dst = append(dst, dims...)
+	dst = append(dst, "), }"...)
 	for len(dst)-start < size-1 {
 		dst = append(dst, ' ')
 	}
@@ -58,14 +76,17 @@ func appendNpyHeader(dst []byte, size int, descr string, count int64) []byte {
 type recordFile struct {
 	path       string
 	descr      string // numpy dtype; "" for a headerless file (continuous.dat)
+	dims       string // the shape after the count, ", 4, 40" (spike waveforms); "" for 1-D
 	recordSize int
 	headerSize int
 	// lazy files are created on disk at their first flush and only flushed
 	// when asked (their buffer grows instead): event files, which must not
 	// exist before they hold an event.
 	lazy bool
+	// open opens the file (os.OpenFile when nil): Config.OpenFile.
+	open func(name string, flag int, perm os.FileMode) (File, error)
 
-	f      *os.File
+	f      File
 	buf    []byte
 	header []byte
 	count  int64 // records appended, on disk or buffered
@@ -102,7 +123,16 @@ func (w *recordFile) create() error {
 	if err := os.MkdirAll(filepath.Dir(w.path), 0o755); err != nil {
 		return fileError("create folder", filepath.Dir(w.path), err)
 	}
-	f, err := os.OpenFile(w.path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	var f File
+	var err error
+	if w.open != nil {
+		f, err = w.open(w.path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	} else {
+		var of *os.File
+		if of, err = os.OpenFile(w.path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644); err == nil {
+			f = of
+		}
+	}
 	if err != nil {
 		if os.IsExist(err) {
 			return fmt.Errorf("recording: create %s: the file already exists; a recording folder is never written twice — give each record start a new recording number (recording.Session does)", w.path)
@@ -111,7 +141,7 @@ func (w *recordFile) create() error {
 	}
 	w.f = f
 	if w.descr != "" {
-		w.header = appendNpyHeader(w.header[:0], w.headerSize, w.descr, 0)
+		w.header = appendNpyHeaderDims(w.header[:0], w.headerSize, w.descr, 0, w.dims)
 		if _, err := f.Write(w.header); err != nil {
 			return fileError("write", w.path, err)
 		}
@@ -175,11 +205,22 @@ func (w *recordFile) writeHeader() error {
 	if w.descr == "" || w.f == nil || w.inHead == w.onDisk {
 		return nil
 	}
-	w.header = appendNpyHeader(w.header[:0], w.headerSize, w.descr, w.onDisk)
+	w.header = appendNpyHeaderDims(w.header[:0], w.headerSize, w.descr, w.onDisk, w.dims)
 	if _, err := w.f.WriteAt(w.header, 0); err != nil {
 		return fileError("write header of", w.path, err)
 	}
 	w.inHead = w.onDisk
+	return nil
+}
+
+// sync makes what was written to the file durable (FsyncCheckpoint).
+func (w *recordFile) sync() error {
+	if w.f == nil {
+		return nil
+	}
+	if err := w.f.Sync(); err != nil {
+		return fileError("sync", w.path, err)
+	}
 	return nil
 }
 

@@ -12,13 +12,17 @@ package recording
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -57,15 +61,65 @@ type Config struct {
 	RecordRaw bool
 	// EventChannels are the TTL event channels of processing stages.
 	EventChannels []EventChannel
+	// SpikeSources describe the processors that make spikes and their
+	// electrodes (spikes.go). Spikes of an EventChannels processor (a
+	// Python stage's add_python_spike) are recorded without one.
+	SpikeSources []SpikeSource
 	// Log receives warnings (NaN samples, events of unknown processors) and
 	// background write errors; nil means no logging.
 	Log *zap.Logger
 	// CheckpointInterval is how long data may stay buffered before it and
-	// the .npy headers are written; 0 means DefaultCheckpointInterval.
+	// the .npy headers are written; 0 means DefaultCheckpointInterval. It
+	// bounds what a killed or crashed process loses (see Recover).
 	CheckpointInterval time.Duration
+	// Fsync is when the data reaches the disk itself rather than the
+	// kernel's cache, which bounds what a power cut loses: FsyncClose ("",
+	// the default) when a recording is finalised, FsyncCheckpoint at every
+	// checkpoint as well.
+	Fsync FsyncPolicy
+	// OnError, if set, makes a write error (a full disk) stop only the
+	// recording it happened in: the recorder closes that recording's
+	// files, makes them consistent (Recover, in the background), calls
+	// OnError (never with the recorder's lock held), drops the rest of
+	// that recording's blocks, and records the next recording (another
+	// Block.Recording) afresh; Consume returns nil. With OnError nil the
+	// first error is returned by Consume and every later call, and the
+	// pipeline runner stops.
+	OnError func(rec pipeline.Recording, err error)
+	// OpenFile, if set, opens the files samples and events are written to
+	// (continuous.dat and the .npy files) instead of os.OpenFile: tests
+	// put a fault-injecting disk there.
+	OpenFile func(name string, flag int, perm os.FileMode) (File, error)
 	// GUIVersion is the "GUI version" of structure.oebin; "" means
 	// DefaultGUIVersion.
 	GUIVersion string
+}
+
+// FsyncPolicy is when a Recorder syncs its files to the disk.
+type FsyncPolicy string
+
+// The fsync policies.
+const (
+	// FsyncClose syncs the files when a recording is finalised (and
+	// structure.oebin and text.npy whenever they are written): a power cut
+	// may lose what the kernel had not yet written back (up to about 30 s
+	// with Linux's default dirty_expire_centisecs).
+	FsyncClose FsyncPolicy = "close"
+	// FsyncCheckpoint also syncs every file at each checkpoint, before the
+	// .npy headers are rewritten: a power cut loses at most the data since
+	// the last checkpoint.
+	FsyncCheckpoint FsyncPolicy = "checkpoint"
+)
+
+// File is what a Recorder needs of a file it writes records to; *os.File
+// has it.
+type File interface {
+	io.Writer
+	io.WriterAt
+	Seek(offset int64, whence int) (int64, error)
+	Truncate(size int64) error
+	Sync() error
+	Close() error
 }
 
 // Stats are a Recorder's counters.
@@ -73,7 +127,14 @@ type Stats struct {
 	Samples       uint64 // sample frames recorded (main stream)
 	NaNSamples    uint64 // NaN values recorded as 0
 	DroppedEvents uint64 // events of processors without an event channel
+	Spikes        uint64 // spikes recorded
+	DroppedSpikes uint64 // spikes of unknown processors, malformed, or past MaxSpikeElectrodes
 	Checkpoints   uint64
+	// Failures counts recordings stopped by a write error (with OnError).
+	Failures uint64
+	// LostSamples are the sample frames of blocks that belonged to a
+	// recording after it failed, which were therefore not recorded.
+	LostSamples uint64
 }
 
 // Recorder writes the blocks that belong to a recording (Block.Recording
@@ -97,6 +158,13 @@ type Recorder struct {
 	err            error
 	ended          bool
 	stats          Stats
+	// failed is the recording that stopped on a write error (with
+	// OnError), whose remaining blocks are dropped; failing is set while
+	// that is so.
+	failed    pipeline.Recording
+	failing   bool
+	recovered sync.WaitGroup // background recoveries of failed recordings
+	reports   []func()       // OnError calls to make once r.mu is released
 
 	// checkpointTime is how long each checkpoint took (writing the buffers,
 	// the .npy headers, text.npy and structure.oebin).
@@ -113,6 +181,7 @@ type Recorder struct {
 	tickDone chan struct{}
 
 	unknownLog, nanLog pipeline.LogLimiter
+	spikeCfg           *recorderSpikes
 }
 
 // roundToEven rounds half to even like math.RoundToEven, faster where the
@@ -159,8 +228,34 @@ type openRecording struct {
 	streams []*contStream
 	ttl     []*ttlChannel
 	msgs    *messageChannel
-	oebin   bool // structure.oebin written at least once
+	spikes  *recordingSpikes // nil until the first spike
+	oebin   bool             // structure.oebin written at least once
 	all     []*recordFile
+	// syncedFiles is the number of files whose folder entries were synced
+	// (FsyncCheckpoint).
+	syncedFiles int
+}
+
+// syncDirs syncs the folders of the recording's files and the recording
+// folder's parents up to the session's parent, so that files created since
+// the last checkpoint survive a power cut (FsyncCheckpoint).
+func (o *openRecording) syncDirs() {
+	seen := map[string]bool{}
+	for _, f := range o.all {
+		if f.f != nil {
+			for d := filepath.Dir(f.path); len(d) > len(o.dir) && !seen[d]; d = filepath.Dir(d) {
+				seen[d] = true
+			}
+		}
+	}
+	d := o.dir
+	for i := 0; i < 5; i++ { // recording, experiment, Record Node, session, parent
+		seen[d] = true
+		d = filepath.Dir(d)
+	}
+	for d := range seen {
+		syncDir(d)
+	}
 }
 
 // NewRecorder checks cfg and returns a recorder. Nothing is written before
@@ -183,6 +278,11 @@ func NewRecorder(cfg Config) (*Recorder, error) {
 		if !(ch.BitVolts > 0) || math.IsInf(ch.BitVolts, 0) {
 			return nil, fmt.Errorf("recording: stream %s channel %d (%q): bit_volts %v: must be a positive number (0.195 for headstage channels in uV)", s.StreamName, i, ch.Name, ch.BitVolts)
 		}
+	}
+	switch cfg.Fsync {
+	case "", FsyncClose, FsyncCheckpoint:
+	default:
+		return nil, fmt.Errorf("recording: fsync policy %q: use %q or %q", cfg.Fsync, FsyncCheckpoint, FsyncClose)
 	}
 	if cfg.RecordNodeID == 0 {
 		cfg.RecordNodeID = DefaultRecordNodeID
@@ -225,6 +325,10 @@ func NewRecorder(cfg Config) (*Recorder, error) {
 	r.cfg = cfg
 	r.unknownLog.Interval = 10 * time.Second
 	r.nanLog.Interval = 10 * time.Second
+	var err error
+	if r.spikeCfg, err = newRecorderSpikes(&r.cfg); err != nil {
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -233,10 +337,20 @@ var errEnded = errors.New("recording: Consume called after End")
 
 // Consume records b if it belongs to a recording, first closing the open
 // recording and opening b's when b.Recording changed. It returns the first
-// write error, with the file it concerns.
+// write error, with the file it concerns (with Config.OnError set, it
+// reports it there instead and returns nil).
 func (r *Recorder) Consume(b *pipeline.Block) error {
 	r.mu.Lock()
-	defer r.mu.Unlock()
+	err := r.consume(b)
+	report := r.takeReports()
+	r.mu.Unlock()
+	for _, f := range report {
+		f()
+	}
+	return err
+}
+
+func (r *Recorder) consume(b *pipeline.Block) error {
 	if r.err != nil {
 		return r.err
 	}
@@ -244,28 +358,100 @@ func (r *Recorder) Consume(b *pipeline.Block) error {
 		return errEnded
 	}
 	if b.Recording == nil {
+		r.failing = false
 		if r.rec != nil {
-			return r.fail(r.closeRecording())
+			if err := r.closeRecording(); err != nil {
+				return r.failRecording(r.cur, err, 0)
+			}
 		}
 		return nil
+	}
+	if r.failing {
+		if *b.Recording == r.failed {
+			r.stats.LostSamples += uint64(b.Samples)
+			return nil
+		}
+		r.failing = false
 	}
 	if r.rec == nil || *b.Recording != r.cur {
 		if r.rec != nil {
 			if err := r.closeRecording(); err != nil {
-				return r.fail(err)
+				if err := r.failRecording(r.cur, err, 0); err != nil {
+					return err
+				}
 			}
 		}
 		if err := r.openRecording(b); err != nil {
-			return r.fail(err)
+			return r.failRecording(*b.Recording, err, b.Samples)
 		}
 	}
 	if err := r.write(b); err != nil {
-		return r.fail(err)
+		return r.failRecording(r.cur, err, b.Samples)
 	}
 	if time.Since(r.lastCheckpoint) >= r.interval {
-		return r.fail(r.checkpoint())
+		if err := r.checkpoint(); err != nil {
+			return r.failRecording(r.cur, err, 0)
+		}
 	}
 	return nil
+}
+
+// failRecording handles a write error in recording rec. Without
+// Config.OnError it is the recorder's end (fail). With it, only rec
+// stops: its files are closed and made consistent in the background, the
+// rest of its blocks (from the one of lost samples) are dropped, and
+// OnError is queued for the caller to call once the lock is released.
+func (r *Recorder) failRecording(rec pipeline.Recording, err error, lost int) error {
+	if r.cfg.OnError == nil {
+		return r.fail(err)
+	}
+	err = explainWriteError(err)
+	if r.rec != nil {
+		r.rec.abandon()
+		r.rec = nil
+	}
+	r.failed, r.failing = rec, true
+	r.stats.Failures++
+	r.stats.LostSamples += uint64(lost)
+	dir := RecordingPath(&rec, r.cfg.RecordNodeID)
+	r.log.Error("recording stopped by a write error; acquisition goes on", zap.String("recording", dir), zap.Error(err))
+	r.recovered.Add(1)
+	go func() {
+		defer r.recovered.Done()
+		rep, rerr := Recover(dir)
+		switch {
+		case rerr == nil && rep.Err() == nil:
+			r.log.Info("the stopped recording was made consistent", zap.String("recording", dir), zap.String("changes", strings.TrimSpace(rep.String())))
+		case rerr != nil:
+			r.log.Error("the stopped recording could not be made consistent: run `ephysd recover` on it once the disk has room", zap.String("recording", dir), zap.Error(rerr))
+		default:
+			r.log.Error("the stopped recording could not be made consistent: run `ephysd recover` on it once the disk has room", zap.String("recording", dir), zap.Error(rep.Err()))
+		}
+	}()
+	on := r.cfg.OnError
+	r.reports = append(r.reports, func() { on(rec, err) })
+	return nil
+}
+
+// takeReports returns the queued OnError calls (r.mu held).
+func (r *Recorder) takeReports() []func() {
+	if len(r.reports) == 0 {
+		return nil
+	}
+	out := r.reports
+	r.reports = nil
+	return out
+}
+
+// explainWriteError adds what to do to a full disk's error.
+func explainWriteError(err error) error {
+	switch {
+	case errors.Is(err, syscall.ENOSPC):
+		return fmt.Errorf("%w (disk full: free space on the recording disk, then start a new recording; what was written so far is kept and made readable)", err)
+	case errors.Is(err, syscall.EDQUOT):
+		return fmt.Errorf("%w (disk quota exceeded: free space or raise the quota, then start a new recording; what was written so far is kept and made readable)", err)
+	}
+	return err
 }
 
 // End closes the open recording: it writes the buffered data, the final
@@ -279,18 +465,31 @@ func (r *Recorder) End() error {
 		return err
 	}
 	r.ended = true
+	var closeErr error
 	if r.rec != nil {
-		if err := r.closeRecording(); err != nil && r.err == nil {
-			r.err = err
+		if closeErr = r.closeRecording(); closeErr != nil {
+			if r.cfg.OnError != nil {
+				_ = r.failRecording(r.cur, closeErr, 0)
+			} else if r.err == nil {
+				r.err = closeErr
+			}
 		}
 	}
 	stop, done := r.tickStop, r.tickDone
 	err := r.err
+	if err == nil {
+		err = closeErr
+	}
+	report := r.takeReports()
 	r.mu.Unlock()
+	for _, f := range report {
+		f()
+	}
 	if stop != nil {
 		close(stop)
 		<-done
 	}
+	r.recovered.Wait()
 	return err
 }
 
@@ -354,28 +553,34 @@ func (r *Recorder) openRecording(b *pipeline.Block) error {
 		names = append(names, s.StreamName+"_raw")
 	}
 	for _, name := range names {
-		cs, err := newContStream(dir, s, name)
+		cs, err := newContStream(dir, s, name, r.cfg.OpenFile)
 		if err != nil {
 			o.abandon()
 			return err
 		}
 		o.streams = append(o.streams, cs)
 	}
+	// The stream files exist (each created anew, so the folder is this
+	// recording's): mark the recording unfinished before any sample.
+	if err := r.writeMarker(dir, now); err != nil {
+		o.abandon()
+		return err
+	}
 	evDir := filepath.Join(dir, "events")
 	for _, folder := range r.ttlFolders {
 		d := filepath.Join(evDir, folder)
 		o.ttl = append(o.ttl, &ttlChannel{
-			states: lazyNpy(d, "states.npy", "<i2", 2),
-			sn:     lazyNpy(d, "sample_numbers.npy", "<i8", 8),
-			ts:     lazyNpy(d, "timestamps.npy", "<f8", 8),
-			words:  lazyNpy(d, "full_words.npy", "<u8", 8),
+			states: lazyNpy(d, "states.npy", "<i2", 2, r.cfg.OpenFile),
+			sn:     lazyNpy(d, "sample_numbers.npy", "<i8", 8, r.cfg.OpenFile),
+			ts:     lazyNpy(d, "timestamps.npy", "<f8", 8, r.cfg.OpenFile),
+			words:  lazyNpy(d, "full_words.npy", "<u8", 8, r.cfg.OpenFile),
 		})
 	}
 	md := filepath.Join(evDir, messageCenterFolder)
 	o.msgs = &messageChannel{
 		dir: md,
-		sn:  lazyNpy(md, "sample_numbers.npy", "<i8", 8),
-		ts:  lazyNpy(md, "timestamps.npy", "<f8", 8),
+		sn:  lazyNpy(md, "sample_numbers.npy", "<i8", 8, r.cfg.OpenFile),
+		ts:  lazyNpy(md, "timestamps.npy", "<f8", 8, r.cfg.OpenFile),
 	}
 	o.listFiles()
 	syncPath := filepath.Join(dir, "sync_messages.txt")
@@ -396,7 +601,7 @@ func (r *Recorder) openRecording(b *pipeline.Block) error {
 	return nil
 }
 
-func newContStream(dir string, s *pipeline.StreamInfo, name string) (*contStream, error) {
+func newContStream(dir string, s *pipeline.StreamInfo, name string, open func(string, int, os.FileMode) (File, error)) (*contStream, error) {
 	cs := &contStream{
 		info:   s,
 		name:   name,
@@ -411,23 +616,35 @@ func newContStream(dir string, s *pipeline.StreamInfo, name string) (*contStream
 	frame := 2 * len(s.Channels)
 	frames := max(datBufferBytes/frame, 1)
 	var err error
-	if cs.dat, err = newRecordFile(filepath.Join(d, "continuous.dat"), "", frame, frames, false); err != nil {
+	if cs.dat, err = openRecordFile(filepath.Join(d, "continuous.dat"), "", frame, frames, open); err != nil {
 		return nil, err
 	}
-	if cs.sn, err = newRecordFile(filepath.Join(d, "sample_numbers.npy"), "<i8", 8, frames, false); err != nil {
+	if cs.sn, err = openRecordFile(filepath.Join(d, "sample_numbers.npy"), "<i8", 8, frames, open); err != nil {
 		cs.abandon()
 		return nil, err
 	}
-	if cs.ts, err = newRecordFile(filepath.Join(d, "timestamps.npy"), "<f8", 8, frames, false); err != nil {
+	if cs.ts, err = openRecordFile(filepath.Join(d, "timestamps.npy"), "<f8", 8, frames, open); err != nil {
 		cs.abandon()
 		return nil, err
 	}
 	return cs, nil
 }
 
+// openRecordFile creates a record file at once through open (nil:
+// os.OpenFile).
+func openRecordFile(path, descr string, recordSize, bufRecords int, open func(string, int, os.FileMode) (File, error)) (*recordFile, error) {
+	w, _ := newRecordFile(path, descr, recordSize, bufRecords, true) // lazy: cannot fail
+	w.lazy, w.open = false, open
+	if err := w.create(); err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
 // lazyNpy prepares an event .npy file that is created at its first flush.
-func lazyNpy(dir, name, descr string, size int) *recordFile {
+func lazyNpy(dir, name, descr string, size int, open func(string, int, os.FileMode) (File, error)) *recordFile {
 	w, _ := newRecordFile(filepath.Join(dir, name), descr, size, 64, true) // lazy: cannot fail
+	w.open = open
 	return w
 }
 
@@ -474,6 +691,11 @@ func (r *Recorder) write(b *pipeline.Block) error {
 	}
 	for i := range b.Events {
 		if err := r.writeEvent(&b.Events[i]); err != nil {
+			return err
+		}
+	}
+	for i := range b.Spikes {
+		if err := r.writeSpike(&b.Spikes[i]); err != nil {
 			return err
 		}
 	}
@@ -624,6 +846,22 @@ func (r *Recorder) checkpoint() error {
 			return err
 		}
 	}
+	if r.cfg.Fsync == FsyncCheckpoint {
+		// The data reaches the disk before the headers claim it.
+		open := 0
+		for _, f := range o.all {
+			if f.f != nil {
+				open++
+			}
+			if err := f.sync(); err != nil {
+				return err
+			}
+		}
+		if open != o.syncedFiles {
+			o.syncDirs()
+			o.syncedFiles = open
+		}
+	}
 	for _, f := range o.all {
 		if err := f.writeHeader(); err != nil {
 			return err
@@ -697,18 +935,47 @@ func (o *openRecording) writeOebin(r *Recorder, final bool) error {
 	if !o.msgs.listed && o.msgs.written > 0 {
 		changed = true
 	}
+	if o.spikes.unlisted() {
+		changed = true
+	}
 	if !changed {
 		return nil
 	}
+	names := make([]string, len(o.streams))
+	for i, cs := range o.streams {
+		names[i] = cs.name
+	}
+	doc := r.oebinDoc(names, func(i int) bool { return o.ttl[i].sn.inHead > 0 }, o.msgs.written > 0)
+	doc.Spikes = o.spikes.oebinEntries()
+	data, err := marshalOebin(&doc)
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(filepath.Join(o.dir, "structure.oebin"), data); err != nil {
+		return err
+	}
+	o.oebin = true
+	o.spikes.markListed()
+	for _, t := range o.ttl {
+		t.listed = t.sn.inHead > 0
+	}
+	o.msgs.listed = o.msgs.written > 0
+	return nil
+}
+
+// oebinDoc is the structure.oebin of a recording of the streams of the
+// given names, listing the TTL channels i for which ttl(i) holds and, with
+// messages, the MessageCenter channel.
+func (r *Recorder) oebinDoc(streamNames []string, ttl func(i int) bool, messages bool) oebin {
 	s := &r.cfg.Stream
 	doc := oebin{GUIVersion: r.cfg.GUIVersion}
-	for _, cs := range o.streams {
+	for _, name := range streamNames {
 		c := oebinContinuous{
-			FolderName:          cs.folder + "/",
+			FolderName:          sourceFolder(s.ProcessorName, s.ProcessorID, name) + "/",
 			SampleRate:          s.SampleRate,
 			SourceProcessorName: s.ProcessorName,
 			SourceProcessorID:   s.ProcessorID,
-			StreamName:          cs.name,
+			StreamName:          name,
 			RecordedProcessor:   s.ProcessorName,
 			RecordedProcessorID: s.ProcessorID,
 			NumChannels:         len(s.Channels),
@@ -725,10 +992,9 @@ func (o *openRecording) writeOebin(r *Recorder, final bool) error {
 	// streams by the last folder only, so of several "TTL" folders it shows
 	// the last listed, and the device's inputs matter more than a stage's.
 	zero := 0
-	for k := range o.ttl {
-		i := (k + 1) % len(o.ttl)
-		t := o.ttl[i]
-		if t.sn.inHead == 0 {
+	for k := range r.ttlFolders {
+		i := (k + 1) % len(r.ttlFolders)
+		if !ttl(i) {
 			continue
 		}
 		doc.Events = append(doc.Events, oebinEvent{
@@ -742,7 +1008,7 @@ func (o *openRecording) writeOebin(r *Recorder, final bool) error {
 			InitialState:    &zero,
 		})
 	}
-	if o.msgs.written > 0 {
+	if messages {
 		doc.Events = append(doc.Events, oebinEvent{
 			FolderName:      messageCenterFolder + "/",
 			ChannelName:     "Messages",
@@ -755,19 +1021,38 @@ func (o *openRecording) writeOebin(r *Recorder, final bool) error {
 			StreamName:      s.StreamName,
 		})
 	}
-	data, err := marshalOebin(&doc)
+	return doc
+}
+
+// fsyncPolicy is the policy in force.
+func (r *Recorder) fsyncPolicy() FsyncPolicy {
+	if r.cfg.Fsync == FsyncCheckpoint {
+		return FsyncCheckpoint
+	}
+	return FsyncClose
+}
+
+// writeMarker writes the UnfinishedMarker of a recording about to start in
+// dir: who writes it, and the structure.oebin it may come to have.
+func (r *Recorder) writeMarker(dir string, now time.Time) error {
+	names := []string{r.cfg.Stream.StreamName}
+	if r.cfg.RecordRaw {
+		names = append(names, r.cfg.Stream.StreamName+"_raw")
+	}
+	doc := r.oebinDoc(names, func(int) bool { return true }, true)
+	ob, err := marshalOebin(&doc)
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(filepath.Join(o.dir, "structure.oebin"), data); err != nil {
-		return err
+	start, _ := processStartTime(os.Getpid())
+	data, err := json.MarshalIndent(marker{
+		Note: markerNote, PID: os.Getpid(), BootID: currentBootID(), ProcessStart: start,
+		Started: now.Format(time.RFC3339Nano), Fsync: string(r.fsyncPolicy()), Oebin: ob,
+	}, "", "  ")
+	if err != nil {
+		return fmt.Errorf("recording: encode %s: %w", UnfinishedMarker, err)
 	}
-	o.oebin = true
-	for _, t := range o.ttl {
-		t.listed = t.sn.inHead > 0
-	}
-	o.msgs.listed = o.msgs.written > 0
-	return nil
+	return writeFileAtomic(filepath.Join(dir, UnfinishedMarker), append(data, '\n'))
 }
 
 // closeRecording writes the open recording out completely and closes it.
@@ -787,6 +1072,14 @@ func (r *Recorder) closeRecording() error {
 			err = cerr
 		}
 	}
+	if err == nil {
+		// Finalised: every file is complete and synced.
+		m := filepath.Join(o.dir, UnfinishedMarker)
+		if rerr := os.Remove(m); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			return fileError("remove", m, rerr)
+		}
+		syncDir(o.dir)
+	}
 	return err
 }
 
@@ -805,6 +1098,7 @@ func (o *openRecording) abandon() {
 		o.msgs.sn.abandon()
 		o.msgs.ts.abandon()
 	}
+	o.spikes.abandon()
 }
 
 func (s *contStream) abandon() {
@@ -828,11 +1122,17 @@ func (r *Recorder) ticker(stop <-chan struct{}, done chan<- struct{}) {
 		case <-t.C:
 			r.mu.Lock()
 			if r.rec != nil && r.err == nil && r.dirty && time.Since(r.lastCheckpoint) >= r.interval {
-				if err := r.fail(r.checkpoint()); err != nil {
-					r.log.Error("recording checkpoint failed; recording stopped", zap.Error(err))
+				if err := r.checkpoint(); err != nil {
+					if r.failRecording(r.cur, err, 0) != nil {
+						r.log.Error("recording checkpoint failed; recording stopped", zap.Error(err))
+					}
 				}
 			}
+			report := r.takeReports()
 			r.mu.Unlock()
+			for _, f := range report {
+				f()
+			}
 		}
 	}
 }

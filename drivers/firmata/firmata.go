@@ -219,6 +219,9 @@ func (b *Board) scanVersion(wait time.Duration) bool {
 		for i := 0; i+2 < len(seen); i++ {
 			if seen[i] == ReportVersion && seen[i+1] < 0x80 && seen[i+2] < 0x80 {
 				b.Major, b.Minor = seen[i+1], seen[i+2]
+				// What came after it (the firmware's name, an early
+				// report) goes to the report parser.
+				b.early = append(b.early[:0], seen[i+3:]...)
 				return true
 			}
 		}
@@ -257,6 +260,28 @@ type Board struct {
 	at      atomic.Int64
 	readErr atomic.Pointer[error]
 	done    chan struct{}
+	early   []byte // bytes read after the version report while waiting for it
+
+	// What the report parser counted, published after every read.
+	reports, discarded, resyncs atomic.Uint64
+}
+
+// Stats are what a board's report parser counted.
+type Stats struct {
+	Reports        uint64 // digital port reports
+	DiscardedBytes uint64 // bytes that belonged to no good message
+	Resyncs        uint64 // stretches of discarded bytes between good messages
+}
+
+// Stats returns the report parser's counts.
+func (b *Board) Stats() Stats {
+	return Stats{Reports: b.reports.Load(), DiscardedBytes: b.discarded.Load(), Resyncs: b.resyncs.Load()}
+}
+
+// LinkStats reports the bytes the report parser discarded and how often
+// it lost the message boundary (drivers.LinkCounter).
+func (b *Board) LinkStats() drivers.LinkStats {
+	return drivers.LinkStats{DiscardedBytes: b.discarded.Load(), Resyncs: b.resyncs.Load()}
 }
 
 // HandleEvents sets the mapped pins from b's TTL events: one port message
@@ -388,44 +413,36 @@ func (b *Board) Err() error {
 	return nil
 }
 
-// readReports parses digital reports 0x90|port LSB MSB.
+// readReports parses what the board sends (ReportParser) and keeps the
+// levels of the reported pins from its digital port reports.
 func (b *Board) readReports() {
 	defer close(b.done)
 	var buf [64]byte
-	var msg [3]byte
-	k := 0
+	var p ReportParser
 	var mask uint64
-	for _, p := range b.cfg.ReportInputs {
-		mask |= 1 << uint(p)
+	for _, pin := range b.cfg.ReportInputs {
+		mask |= 1 << uint(pin)
 	}
+	report := func(port int, levels byte) {
+		if port > 7 {
+			return
+		}
+		pm := mask & (0xFF << (8 * uint(port)))
+		w := b.lines.Load()&^pm | uint64(levels)<<(8*uint(port))&pm
+		b.lines.Store(w)
+		b.at.Store(time.Now().UnixNano())
+	}
+	feed := func(data []byte) {
+		p.Feed(data, report)
+		b.reports.Store(p.Reports)
+		b.discarded.Store(p.Discarded)
+		b.resyncs.Store(p.Resyncs)
+	}
+	feed(b.early)
 	for {
 		n, err := b.port.Read(buf[:])
-		for _, c := range buf[:n] {
-			if c&0x80 != 0 { // a command byte starts a message
-				msg[0], k = c, 1
-				continue
-			}
-			if k == 0 {
-				continue
-			}
-			msg[k] = c
-			k++
-			if k < 3 {
-				continue
-			}
-			k = 0
-			if msg[0]&0xF0 != DigitalMessage {
-				continue
-			}
-			port := uint(msg[0] & 0x0F)
-			if port > 7 {
-				continue
-			}
-			v := uint64(msg[1]) | uint64(msg[2]&1)<<7
-			pm := mask & (0xFF << (8 * port))
-			w := b.lines.Load()&^pm | v<<(8*port)&pm
-			b.lines.Store(w)
-			b.at.Store(time.Now().UnixNano())
+		if n > 0 {
+			feed(buf[:n])
 		}
 		if err != nil {
 			b.mu.Lock()

@@ -57,5 +57,8 @@ func (p *pinLines) Lines() (uint64, time.Time) {
 	return out, at
 }
 
-func (p *pinLines) Err() error   { return p.b.Err() }
-func (p *pinLines) Close() error { return p.b.Close() }
+func (p *pinLines) Err() error { return p.b.Err() }
+
+// LinkStats is the board's (drivers.LinkCounter).
+func (p *pinLines) LinkStats() drivers.LinkStats { return p.b.LinkStats() }
+func (p *pinLines) Close() error                 { return p.b.Close() }

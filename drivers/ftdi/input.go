@@ -4,8 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/ephysd/ephysd/drivers"
 	"github.com/ephysd/ephysd/drivers/usb"
 )
 
@@ -44,6 +46,16 @@ type Input struct {
 	at     time.Time
 	err    error
 	closed bool
+
+	// Sync mode: packets too short for their status bytes, and their bytes.
+	malformed, discarded atomic.Uint64
+}
+
+// LinkStats reports the bytes of malformed bulk IN packets (too short to
+// hold the two status bytes) in sync mode, each one a resync
+// (drivers.LinkCounter). Sync bitbang data has no other framing to check.
+func (in *Input) LinkStats() drivers.LinkStats {
+	return drivers.LinkStats{DiscardedBytes: in.discarded.Load(), Resyncs: in.malformed.Load()}
 }
 
 // OpenInput opens the chip through opener (nil: USBOpener) with all pins
@@ -119,7 +131,13 @@ func (in *Input) run() {
 	tick := time.NewTicker(in.cfg.Period)
 	defer tick.Stop()
 	var clock [64]byte // bytes written to clock samples in sync mode
-	raw := make([]byte, 4*in.chip.Dev.MaxPacketSize(in.chip.Port.In)+2)
+	// A bulk IN transfer is read into whole max-size packets: a packet
+	// that does not fit the buffer would overflow it (libusb refuses it).
+	mps := in.chip.Dev.MaxPacketSize(in.chip.Port.In)
+	if mps <= 2 {
+		mps = 64
+	}
+	raw := make([]byte, 4*mps)
 	data := make([]byte, 0, len(raw))
 	for {
 		select {
@@ -137,7 +155,12 @@ func (in *Input) run() {
 			if _, err = in.chip.Dev.Write(in.chip.Port.Out, clock[:], writeTimeout); err == nil {
 				var n int
 				n, err = in.chip.Dev.Read(in.chip.Port.In, raw, in.cfg.Period+writeTimeout)
-				data = StripModemStatus(data[:0], raw[:n], in.chip.Dev.MaxPacketSize(in.chip.Port.In))
+				var bad, badBytes int
+				data, bad, badBytes = SplitPackets(data[:0], raw[:n], mps)
+				if bad > 0 {
+					in.malformed.Add(uint64(bad))
+					in.discarded.Add(uint64(badBytes))
+				}
 				if len(data) > 0 {
 					in.set(uint64(data[len(data)-1]), time.Now())
 				}
@@ -181,15 +204,27 @@ func (in *Input) Close() error {
 // from an FTDI chip: every maxPacket-byte chunk of raw starts with two
 // modem-status bytes, which are dropped.
 func StripModemStatus(dst, raw []byte, maxPacket int) []byte {
+	dst, _, _ = SplitPackets(dst, raw, maxPacket)
+	return dst
+}
+
+// SplitPackets is StripModemStatus that also counts the malformed packets:
+// chunks shorter than the two status bytes (a chip never sends one; only
+// the last chunk of a transfer can be short), whose bytes are dropped.
+func SplitPackets(dst, raw []byte, maxPacket int) (out []byte, malformed, malformedBytes int) {
 	if maxPacket <= 2 {
 		maxPacket = 64
 	}
 	for len(raw) > 0 {
 		k := min(len(raw), maxPacket)
-		if k > 2 {
+		switch {
+		case k > 2:
 			dst = append(dst, raw[2:k]...)
+		case k < 2:
+			malformed++
+			malformedBytes += k
 		}
 		raw = raw[k:]
 	}
-	return dst
+	return dst, malformed, malformedBytes
 }

@@ -39,6 +39,9 @@ type Stats struct {
 	DecoderStats
 	// DiscardedBytes were dropped while resynchronising to packets.
 	DiscardedBytes uint64
+	// Resyncs is the number of stretches of discarded bytes: times the
+	// parser lost the packet boundary and found it again.
+	Resyncs uint64
 	// OverflowSamples were dropped because ReadBlock was not called for
 	// longer than the buffer holds (they show as a gap).
 	OverflowSamples uint64
@@ -155,7 +158,14 @@ func (s *Source) Stats() Stats {
 }
 
 func (s *Source) statsLocked() Stats {
-	return Stats{DecoderStats: s.dec.Stats, DiscardedBytes: s.parser.Discarded, OverflowSamples: s.queue.Overflow()}
+	return Stats{DecoderStats: s.dec.Stats, DiscardedBytes: s.parser.Discarded, Resyncs: s.parser.Resyncs, OverflowSamples: s.queue.Overflow()}
+}
+
+// LinkStats reports the bytes the parser discarded and how often it lost
+// the packet boundary (drivers.LinkCounter).
+func (s *Source) LinkStats() drivers.LinkStats {
+	st := s.Stats()
+	return drivers.LinkStats{DiscardedBytes: st.DiscardedBytes, Resyncs: st.Resyncs}
 }
 
 // Start runs the start-up handshake — soft reset (v), default channel
@@ -349,7 +359,7 @@ func (s *Source) logLosses(st Stats) {
 		if ok, more := s.discardLog.Allow(now); ok {
 			s.log.Warn("bytes discarded while resynchronising to packets (corrupt or partial packets from the dongle)",
 				zap.Uint64("discarded_bytes", st.DiscardedBytes-s.reported.DiscardedBytes),
-				zap.Uint64("discarded_bytes_total", st.DiscardedBytes), zap.Int("more_not_logged", more))
+				zap.Uint64("discarded_bytes_total", st.DiscardedBytes), zap.Uint64("resyncs_total", st.Resyncs), zap.Int("more_not_logged", more))
 			s.reported.DiscardedBytes = st.DiscardedBytes
 		}
 	}

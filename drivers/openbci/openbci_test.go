@@ -252,7 +252,9 @@ func TestDaisyHalfPairs(t *testing.T) {
 	for i, g := range got {
 		check(t, g, wantSN[i], gains, true)
 	}
-	if firsts[0] != 0 || firsts[1] != 3 || firsts[2] != 5 {
+	// How many samples a block holds depends on what had arrived; but a
+	// block never spans a gap, so one starts right after each.
+	if firsts[0] != 0 || !contains(firsts, 3) || !contains(firsts, 5) {
 		t.Fatalf("block starts %v: a block must end at each gap", firsts)
 	}
 	st := s.Stats()

@@ -49,8 +49,14 @@ type Parser struct {
 
 	// Discarded counts the bytes dropped while looking for packets.
 	Discarded uint64
+	// Resyncs counts the stretches of discarded bytes between two packets:
+	// each time the parser lost the packet boundary (garbage, a truncated
+	// or corrupted packet) and looked for the next good packet.
+	Resyncs uint64
 	// Packets counts the packets emitted.
 	Packets uint64
+
+	discarding bool // in a stretch of discarded bytes
 }
 
 // Reset forgets any partial packet and the sync state (not the counters).
@@ -75,7 +81,7 @@ func (p *Parser) Feed(data []byte, emit func(*Packet)) {
 		c := data[0]
 		data = data[1:]
 		if p.n == 0 && c != StartByte {
-			p.Discarded++
+			p.discard(1)
 			continue
 		}
 		p.buf[p.n] = c
@@ -109,8 +115,17 @@ func (p *Parser) settle(emit func(*Packet)) {
 		for k < p.n && p.buf[k] != StartByte {
 			k++
 		}
-		p.Discarded += uint64(k)
+		p.discard(k)
 		p.shift(k)
+	}
+}
+
+// discard counts k bytes dropped.
+func (p *Parser) discard(k int) {
+	p.Discarded += uint64(k)
+	if !p.discarding {
+		p.discarding = true
+		p.Resyncs++
 	}
 }
 
@@ -141,6 +156,7 @@ func (p *Parser) accept(b []byte, emit func(*Packet)) {
 	p.haveLast = true
 	p.haveTent = false
 	p.last = b[1]
+	p.discarding = false
 	p.Packets++
 	emit(pk)
 }

@@ -12,6 +12,7 @@ import (
 type parsed struct {
 	pkts      []Packet
 	discarded uint64
+	resyncs   uint64
 	pending   int
 }
 
@@ -33,6 +34,7 @@ func parseSplit(data, cuts []byte) parsed {
 		data = data[n:]
 	}
 	out.discarded = p.Discarded
+	out.resyncs = p.Resyncs
 	out.pending = p.n
 	return out
 }
@@ -121,8 +123,11 @@ func FuzzCytonParser(f *testing.F) {
 				}
 			}
 		}
+		if whole.resyncs > whole.discarded || whole.resyncs > uint64(len(whole.pkts))+1 || (whole.discarded > 0) != (whole.resyncs > 0) {
+			t.Fatalf("%d resyncs for %d discarded bytes and %d packets", whole.resyncs, whole.discarded, len(whole.pkts))
+		}
 		split := parseSplit(data, cuts)
-		if !samePackets(split.pkts, whole.pkts) || split.discarded != whole.discarded || split.pending != whole.pending {
+		if !samePackets(split.pkts, whole.pkts) || split.discarded != whole.discarded || split.resyncs != whole.resyncs || split.pending != whole.pending {
 			t.Fatalf("cuts %v: %d packets / %d discarded, whole %d / %d", cuts, len(split.pkts), split.discarded, len(whole.pkts), whole.discarded)
 		}
 		for _, daisy := range []bool{false, true} {

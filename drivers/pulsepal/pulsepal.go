@@ -189,9 +189,40 @@ type Sink struct {
 	sentVoltage atomic.Uint64
 	confirmed   atomic.Uint64
 	mismatches  atomic.Uint64
+	resyncs     atomic.Uint64
 	lastBad     atomic.Uint32
 	readErr     atomic.Pointer[error]
 	done        chan struct{}
+}
+
+// Replies counts what the Pulse Pal sends back while it is driven: one
+// confirmation byte (01) for every fixed-voltage or parameter message, and
+// nothing else. Any other byte is a bad reply (a corrupted confirmation,
+// garbage on the line); a corrupted byte that happens to be 01 cannot be
+// told from a confirmation. The zero Replies is ready to use.
+type Replies struct {
+	Confirmed uint64 // 01 bytes
+	Bad       uint64 // other bytes
+	Resyncs   uint64 // stretches of bad bytes between confirmations
+	LastBad   byte   // the last bad byte
+	inBad     bool
+}
+
+// Feed counts the bytes of data.
+func (r *Replies) Feed(data []byte) {
+	for _, c := range data {
+		if c == Ack {
+			r.Confirmed++
+			r.inBad = false
+			continue
+		}
+		r.Bad++
+		r.LastBad = c
+		if !r.inBad {
+			r.inBad = true
+			r.Resyncs++
+		}
+	}
 }
 
 // Firmware is the version the device reported.
@@ -201,6 +232,12 @@ func (s *Sink) Firmware() uint32 { return s.firmware }
 // read back, and the reply bytes that were not 01.
 func (s *Sink) Stats() (sent, confirmed, mismatches uint64) {
 	return s.sentVoltage.Load(), s.confirmed.Load(), s.mismatches.Load()
+}
+
+// LinkStats reports the reply bytes that were not confirmations, and the
+// stretches of them (drivers.LinkCounter).
+func (s *Sink) LinkStats() drivers.LinkStats {
+	return drivers.LinkStats{DiscardedBytes: s.mismatches.Load(), Resyncs: s.resyncs.Load()}
 }
 
 // HandleEvents sends one message batch per sample number with events:
@@ -297,15 +334,15 @@ func (s *Sink) send() error {
 func (s *Sink) readReplies() {
 	defer close(s.done)
 	var buf [64]byte
+	var r Replies
 	for {
 		n, err := s.port.Read(buf[:])
-		for _, c := range buf[:n] {
-			if c == Ack {
-				s.confirmed.Add(1)
-			} else {
-				s.mismatches.Add(1)
-				s.lastBad.Store(uint32(c))
-			}
+		if n > 0 {
+			r.Feed(buf[:n])
+			s.confirmed.Store(r.Confirmed)
+			s.mismatches.Store(r.Bad)
+			s.resyncs.Store(r.Resyncs)
+			s.lastBad.Store(uint32(r.LastBad))
 		}
 		if err != nil {
 			s.mu.Lock()

@@ -16,6 +16,18 @@
 //	lfp_uv = 40.0          # LFP amplitude, µV
 //	units = 5              # simulated units
 //	spike_channels = []    # 1-based channel numbers (CH1 = 1); default: spread over the array
+//	plant_channels = []    # 1-based channels that get planted spikes (default: none)
+//	plant_uv = 100.0       # trough depth of a planted spike on its main channel, µV
+//	plant_rate = 20.0      # planted spikes per second
+//
+// Planted spikes are ground truth for tests of spike detection: one known
+// waveform (PlantTemplate) at sample numbers that depend only on the seed
+// (Config.Planted), in addition to the units' spikes. Each planted spike is
+// largest (plant_uv) on one of plant_channels, chosen at random per spike,
+// and PlantSideGain of that on the others, so that a group of channels (a
+// tetrode) sees each spike best on a different channel. Spike k ≥ 1 lies
+// in the k-th slot of 1/plant_rate seconds (slot 0 stays empty, so the
+// first spike has samples before it); planted spikes never overlap.
 package sim
 
 import (
@@ -34,6 +46,7 @@ const (
 	MaxUnits    = 256
 	MaxNoiseUV  = 1000
 	MaxLFPUV    = 5000
+	MaxPlantUV  = 10000
 )
 
 // Config is the [source.sim] table of the configuration file.
@@ -59,6 +72,14 @@ type Config struct {
 	// have their largest spikes; unit i sits on SpikeChannels[i mod len].
 	// Empty spreads the units evenly over the array.
 	SpikeChannels []int `toml:"spike_channels"`
+	// PlantChannels lists the channels (1-based) that get planted spikes;
+	// empty plants none.
+	PlantChannels []int `toml:"plant_channels"`
+	// PlantUV is the trough depth of a planted spike on its main channel,
+	// in µV.
+	PlantUV float64 `toml:"plant_uv"`
+	// PlantRate is the number of planted spikes per second.
+	PlantRate float64 `toml:"plant_rate"`
 
 	// limit, when > 0, ends the stream (io.EOF) after that many samples.
 	limit int64
@@ -73,13 +94,15 @@ func (c *Config) SetDuration(d time.Duration) {
 // DefaultConfig returns the configuration used for keys the file leaves out.
 func DefaultConfig() Config {
 	return Config{
-		Channels: 32,
-		Rate:     30000,
-		Realtime: true,
-		Seed:     1,
-		NoiseUV:  5,
-		LFPUV:    40,
-		Units:    5,
+		Channels:  32,
+		Rate:      30000,
+		Realtime:  true,
+		Seed:      1,
+		NoiseUV:   5,
+		LFPUV:     40,
+		Units:     5,
+		PlantUV:   100,
+		PlantRate: 20,
 	}
 }
 
@@ -112,6 +135,18 @@ func (c *Config) Validate() error {
 	if len(c.SpikeChannels) > c.Units {
 		return fmt.Errorf("sim: spike_channels lists %d channels but units = %d: set units to at least %d, or list fewer channels", len(c.SpikeChannels), c.Units, len(c.SpikeChannels))
 	}
+	for i, ch := range c.PlantChannels {
+		if ch < 1 || ch > c.Channels {
+			return fmt.Errorf("sim: plant_channels[%d] = %d: must be a channel number 1–%d (CH1 = 1)", i, ch, c.Channels)
+		}
+	}
+	if !(c.PlantUV >= 0 && c.PlantUV <= MaxPlantUV) {
+		return fmt.Errorf("sim: plant_uv = %g: must be 0–%d µV", c.PlantUV, MaxPlantUV)
+	}
+	if maxRate := float64(c.Rate) / float64(2*plantLen(c.Rate)); !(c.PlantRate > 0 && c.PlantRate <= maxRate) {
+		return fmt.Errorf("sim: plant_rate = %g: must be > 0 and at most %g spikes per second at %d Hz (each spike's slot holds twice its %d samples)",
+			c.PlantRate, math.Floor(maxRate), c.Rate, plantLen(c.Rate))
+	}
 	return nil
 }
 
@@ -122,3 +157,8 @@ func (c *Config) Open() (drivers.Source, error) {
 	}
 	return New(*c)
 }
+
+// ChannelCount is the number of channels the source will have, known
+// before it is opened (the daemon checks channel numbers in other tables
+// against it).
+func (c *Config) ChannelCount() int { return c.Channels }

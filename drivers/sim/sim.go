@@ -59,6 +59,7 @@ type Source struct {
 	l2    []float32
 	lfpK  []float32 // the LFP at every phase of the set, phase-major (scratch)
 	units []unit
+	plant []float32 // the planted waveform, 1 µV deep
 
 	next int64 // sample number of the next block
 
@@ -153,6 +154,7 @@ func New(cfg Config) (*Source, error) {
 	}
 
 	s.makeUnits(seed)
+	s.plant, _ = PlantTemplate(cfg.Rate)
 	return s, nil
 }
 
@@ -321,6 +323,7 @@ func (s *Source) generate(data []float32, digital []uint64, first int64, n int) 
 	for i := range s.units {
 		s.addSpikes(&s.units[i], data, first, n)
 	}
+	s.addPlanted(data, first, n)
 	s.digital(digital, first)
 }
 

@@ -27,6 +27,13 @@
 // turns it into a rising and a falling TTL event. An event on a line that
 // is still high ends that pulse for one sample and starts a new one, so
 // every EVNT gives its own rising edge.
+//
+// Damage: the protocol has no checksum and no sample counter. Bytes that
+// fit no frame (garbage, a frame cut short, a corrupted byte) are dropped
+// and counted (discarded bytes, resyncs), and the next good frame is
+// numbered after a gap of as many samples as the dropped bytes would have
+// filled, rounded up — one for a cut or corrupted frame. Frames lost whole
+// cannot be seen, and garbage inserted between frames leaves a gap too.
 package spikerbox
 
 import (

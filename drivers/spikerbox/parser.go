@@ -7,9 +7,10 @@ var (
 )
 
 // MaxMessage is the longest message body the parser accepts; a message
-// whose end sequence does not come within it is abandoned (its bytes are
-// counted as discarded) so that a lost end sequence cannot swallow the
-// sample stream.
+// whose end sequence does not come within it is abandoned: its start
+// sequence is counted as discarded and the bytes after it are parsed again
+// as samples, so that a lost end sequence (or garbage that looks like a
+// start) cannot swallow the sample stream.
 const MaxMessage = 256
 
 // Frame is one sample of every channel.
@@ -19,6 +20,13 @@ type Frame struct {
 	// Events has bit n set for every EVNT:n; message (n = 0..63) that
 	// arrived since the previous frame.
 	Events uint64
+	// Skipped is the number of samples lost just before this frame, as
+	// far as the bytes tell: when bytes were discarded since the previous
+	// frame, as many frames as they would fill, rounded up (a frame cut
+	// short, or one with a corrupted byte, is one lost sample). The
+	// protocol has no sample counter: frames lost whole are not seen, and
+	// garbage inserted between frames counts as lost samples too.
+	Skipped uint64
 }
 
 // Parser splits a SpikerBox byte stream into frames and device messages.
@@ -31,7 +39,8 @@ type Frame struct {
 // set, every other byte has it clear; each sample is two bytes, the high
 // bits (7 at most) then the low 7 bits. A frame that is cut short by a new
 // frame start, or that holds a value outside the ADC's range, is dropped
-// and its bytes counted as discarded.
+// and its bytes counted as discarded; Frame.Skipped tells the next frame
+// how many samples the discarded bytes held.
 type Parser struct {
 	nch     int
 	maxHigh byte // largest valid high byte (without the frame flag)
@@ -47,9 +56,16 @@ type Parser struct {
 	fn     int
 	frame  Frame
 	events uint64
+	since  uint64 // bytes discarded since the last frame
+	replay [MaxMessage + 6]byte
 
 	// Discarded counts bytes dropped while resynchronising.
 	Discarded uint64
+	// Resyncs counts the stretches of discarded bytes between two frames:
+	// each time the parser lost the frame boundary and found it again.
+	Resyncs uint64
+	// Skipped counts the samples reported lost in Frame.Skipped.
+	Skipped uint64
 	// BrokenFrames counts frames started but dropped.
 	BrokenFrames uint64
 	// Frames counts frames emitted.
@@ -83,15 +99,38 @@ func (p *Parser) Feed(data []byte, frame func(*Frame), msg func(key, value []byt
 	}
 }
 
+// byte parses one byte.
+func (p *Parser) byte(c byte, frame func(*Frame), msg func(key, value []byte)) {
+	if p.escN == 0 && !p.inMsg && c != 0xFF {
+		p.frameByte(c, frame)
+		return
+	}
+	p.escByte(c, frame, msg)
+}
+
+// discard counts n bytes dropped.
+func (p *Parser) discard(n int) {
+	if p.since == 0 {
+		p.Resyncs++
+	}
+	p.since += uint64(n)
+	p.Discarded += uint64(n)
+}
+
 func (p *Parser) escByte(c byte, frame func(*Frame), msg func(key, value []byte)) {
 	if p.inMsg {
 		if p.msgN == len(p.msg) {
-			// No end sequence in time: abandon the message.
-			p.Discarded += uint64(len(MessageStart) + p.msgN)
+			// No end sequence in time: abandon the message. Its start
+			// sequence was garbage; what followed goes back to framing
+			// (a nested message start in it cannot be abandoned before
+			// the replay ends: it has fewer than MaxMessage bytes left).
+			p.discard(len(MessageStart))
 			p.Abandoned++
 			p.inMsg = false
+			n := copy(p.replay[:], p.msg[:p.msgN])
 			p.msgN = 0
-			p.Feed([]byte{c}, frame, msg)
+			p.Feed(p.replay[:n], frame, msg)
+			p.byte(c, frame, msg)
 			return
 		}
 		p.msg[p.msgN] = c
@@ -178,11 +217,11 @@ func eventNumber(v []byte) (uint, bool) {
 func (p *Parser) frameByte(c byte, frame func(*Frame)) {
 	if c&0x80 != 0 {
 		if p.fn > 0 {
-			p.Discarded += uint64(p.fn)
+			p.discard(p.fn)
 			p.BrokenFrames++
 		}
 		if c&0x7F > p.maxHigh {
-			p.Discarded++
+			p.discard(1)
 			p.fn = 0
 			return
 		}
@@ -190,11 +229,11 @@ func (p *Parser) frameByte(c byte, frame func(*Frame)) {
 		p.fn = 1
 	} else {
 		if p.fn == 0 {
-			p.Discarded++
+			p.discard(1)
 			return
 		}
 		if p.fn%2 == 0 && c > p.maxHigh {
-			p.Discarded += uint64(p.fn + 1)
+			p.discard(p.fn + 1)
 			p.BrokenFrames++
 			p.fn = 0
 			return
@@ -207,6 +246,13 @@ func (p *Parser) frameByte(c byte, frame func(*Frame)) {
 			p.frame.Values[ch] = uint16(p.fb[2*ch])<<7 | uint16(p.fb[2*ch+1])
 		}
 		p.frame.Events = p.events
+		p.frame.Skipped = 0
+		if p.Frames > 0 && p.since > 0 {
+			fl := uint64(len(p.fb))
+			p.frame.Skipped = (p.since + fl - 1) / fl
+			p.Skipped += p.frame.Skipped
+		}
+		p.since = 0
 		p.events = 0
 		p.fn = 0
 		p.Frames++

@@ -9,8 +9,11 @@ import (
 type parsed struct {
 	values    []uint16
 	events    []uint64
+	skipped   []uint64
 	msgs      []string
 	discarded uint64
+	resyncs   uint64
+	p         *Parser
 }
 
 func parseSplit(data, cuts []byte, channels int) parsed {
@@ -19,6 +22,7 @@ func parseSplit(data, cuts []byte, channels int) parsed {
 	frame := func(f *Frame) {
 		out.values = append(out.values, f.Values...)
 		out.events = append(out.events, f.Events)
+		out.skipped = append(out.skipped, f.Skipped)
 	}
 	msg := func(k, v []byte) { out.msgs = append(out.msgs, string(k)+"="+string(v)) }
 	for i := 0; len(data) > 0; i++ {
@@ -33,12 +37,20 @@ func parseSplit(data, cuts []byte, channels int) parsed {
 		data = data[n:]
 	}
 	out.discarded = p.Discarded
+	out.resyncs = p.Resyncs
+	out.p = p
 	return out
 }
 
 func equal(a, b parsed) bool {
-	if len(a.values) != len(b.values) || len(a.events) != len(b.events) || len(a.msgs) != len(b.msgs) || a.discarded != b.discarded {
+	if len(a.values) != len(b.values) || len(a.events) != len(b.events) || len(a.msgs) != len(b.msgs) ||
+		a.discarded != b.discarded || a.resyncs != b.resyncs {
 		return false
+	}
+	for i := range a.skipped {
+		if a.skipped[i] != b.skipped[i] {
+			return false
+		}
 	}
 	for i := range a.values {
 		if a.values[i] != b.values[i] {
@@ -105,6 +117,37 @@ func TestParserAbandonsEndlessMessage(t *testing.T) {
 	}
 }
 
+// A message start whose end never comes (garbage, or an end lost) does not
+// swallow the frames after it: they are parsed again once the message is
+// abandoned, and only the start sequence is lost.
+func TestParserReplaysAbandonedMessage(t *testing.T) {
+	in := frames(1, 2)
+	in = append(in, spikerboxtest.MessageStart...)
+	data := frames(200, 2)
+	in = append(in, data[4:]...) // frames 1..199: 796 bytes, far beyond MaxMessage
+	got := parseSplit(in, nil, 2)
+	if len(got.values) != 400 {
+		t.Fatalf("%d frames, want all 200", len(got.values)/2)
+	}
+	for k := 0; k < 200; k++ {
+		for c := 0; c < 2; c++ {
+			if got.values[2*k+c] != spikerboxtest.FrameValue(k, c) {
+				t.Fatalf("frame %d ch %d: %d", k, c, got.values[2*k+c])
+			}
+		}
+	}
+	// The 6 bytes of the false start are discarded; the frame after them
+	// is taken to follow two lost samples (6 bytes, frames of 4).
+	if got.discarded != 6 || got.resyncs != 1 || got.skipped[1] != 2 || got.p.Abandoned != 1 || got.p.Skipped != 2 {
+		t.Fatalf("discarded %d, resyncs %d, skipped %v…, abandoned %d", got.discarded, got.resyncs, got.skipped[:3], got.p.Abandoned)
+	}
+	for _, cuts := range [][]byte{{1}, {3, 7}, {255, 1}} {
+		if s := parseSplit(in, cuts, 2); !equal(s, got) {
+			t.Fatalf("cuts %v differ", cuts)
+		}
+	}
+}
+
 func FuzzSpikerBoxParser(f *testing.F) {
 	f.Add(frames(5, 2), []byte{3}, uint8(2))
 	f.Add(append(spikerboxtest.Message("EVNT:3;"), frames(3, 1)...), []byte{1}, uint8(1))
@@ -122,6 +165,19 @@ func FuzzSpikerBoxParser(f *testing.F) {
 		}
 		if uint64(len(whole.values))*2 > uint64(len(data)) || whole.discarded > uint64(len(data)) {
 			t.Fatalf("more out than in")
+		}
+		var skipped uint64
+		for i, k := range whole.skipped {
+			skipped += k
+			if i == 0 && k != 0 {
+				t.Fatalf("the first frame follows %d lost samples", k)
+			}
+		}
+		if skipped != whole.p.Skipped || skipped > whole.discarded {
+			t.Fatalf("%d samples skipped (parser: %d) for %d discarded bytes", skipped, whole.p.Skipped, whole.discarded)
+		}
+		if whole.resyncs > whole.discarded || (whole.discarded > 0) != (whole.resyncs > 0) || whole.resyncs > uint64(len(whole.events))+1 {
+			t.Fatalf("%d resyncs for %d discarded bytes and %d frames", whole.resyncs, whole.discarded, len(whole.events))
 		}
 		if split := parseSplit(data, cuts, nch); !equal(split, whole) {
 			t.Fatalf("cuts %v: split %+v whole %+v", cuts, split, whole)

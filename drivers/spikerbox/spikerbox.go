@@ -32,8 +32,14 @@ const ringSeconds = 4
 
 // Stats are the source's counters.
 type Stats struct {
-	Frames          uint64 // samples (frames) received
-	DiscardedBytes  uint64 // bytes dropped while resynchronising: the samples they held are lost, their number unknown
+	Frames         uint64 // samples (frames) received
+	DiscardedBytes uint64 // bytes dropped while resynchronising
+	Resyncs        uint64 // stretches of discarded bytes: times the frame boundary was lost and found again
+	// Gaps and LostSamples are the gaps in sample numbers left for the
+	// discarded bytes: as many samples as they would have filled, rounded
+	// up (the protocol has no sample counter; see Frame.Skipped).
+	Gaps            uint64
+	LostSamples     uint64
 	BrokenFrames    uint64 // frames started but dropped
 	Messages        uint64 // device message blocks
 	Abandoned       uint64 // message blocks without an end sequence
@@ -64,6 +70,7 @@ type Source struct {
 	nch    int
 	row    []float32 // one scaled frame
 	next   int64     // sample number of the next frame
+	gaps   uint64
 	// event pulses
 	word    uint64
 	remain  [64]int32
@@ -143,8 +150,16 @@ func (s *Source) Stats() Stats {
 
 func (s *Source) statsLocked() Stats {
 	p := s.parser
-	return Stats{Frames: p.Frames, DiscardedBytes: p.Discarded, BrokenFrames: p.BrokenFrames, Messages: p.Messages,
+	return Stats{Frames: p.Frames, DiscardedBytes: p.Discarded, Resyncs: p.Resyncs, Gaps: s.gaps, LostSamples: p.Skipped,
+		BrokenFrames: p.BrokenFrames, Messages: p.Messages,
 		Abandoned: p.Abandoned, Events: s.events, UnknownEvents: s.unknown, OverflowSamples: s.queue.Overflow()}
+}
+
+// LinkStats reports the bytes the parser discarded and how often it lost
+// the frame boundary (drivers.LinkCounter).
+func (s *Source) LinkStats() drivers.LinkStats {
+	st := s.Stats()
+	return drivers.LinkStats{DiscardedBytes: st.DiscardedBytes, Resyncs: st.Resyncs}
 }
 
 // StartCommands are the bytes Start sends for a channel count: ask for the
@@ -189,13 +204,14 @@ func (s *Source) reader() {
 		if n > 0 && !s.queue.Stopped() {
 			s.queue.Lock()
 			s.parser.Feed(buf[:n], s.frameFn, s.msgFn)
-			discarded := s.parser.Discarded
+			discarded, resyncs, lost := s.parser.Discarded, s.parser.Resyncs, s.parser.Skipped
 			s.queue.Unlock()
 			s.queue.Wake()
 			if discarded != s.reportedDiscarded {
 				if ok, more := s.discardLog.Allow(time.Now()); ok {
-					s.log.Warn(fmt.Sprintf("%d bytes discarded while resynchronising (the samples they held are lost; how many cannot be known)", discarded-s.reportedDiscarded),
-						zap.Uint64("discarded_bytes_total", discarded), zap.Int("more_not_logged", more))
+					s.log.Warn(fmt.Sprintf("%d bytes discarded while resynchronising (corrupt, cut or stray bytes from the box); the samples they held are a gap in sample numbers", discarded-s.reportedDiscarded),
+						zap.Uint64("discarded_bytes_total", discarded), zap.Uint64("resyncs_total", resyncs),
+						zap.Uint64("lost_samples_total", lost), zap.Int("more_not_logged", more))
 					s.reportedDiscarded = discarded
 				}
 			}
@@ -229,8 +245,11 @@ func (s *Source) onMessage(key, value []byte) {
 // onFrame scales a frame, makes its digital word and queues it (queue locked).
 func (s *Source) onFrame(f *Frame) {
 	w := s.digital(f.Events & (1<<EventLines - 1))
-	sn := s.next
-	s.next++
+	if f.Skipped > 0 {
+		s.gaps++
+	}
+	sn := s.next + int64(f.Skipped)
+	s.next = sn + 1
 	for c, v := range f.Values {
 		s.row[c] = (float32(v) - s.centre) * s.scale
 	}
@@ -264,8 +283,8 @@ func (s *Source) digital(rise uint64) uint64 {
 }
 
 // ReadBlock waits for at least one sample and fills b with up to b.Cap()
-// consecutive samples (a block ends early where samples were dropped
-// because ReadBlock fell behind). After Stop it returns io.EOF; after an unplug, the samples
+// consecutive samples (a block ends early at a gap: damaged bytes, or
+// samples dropped because ReadBlock fell behind). After Stop it returns io.EOF; after an unplug, the samples
 // received before it and then the error.
 func (s *Source) ReadBlock(b *pipeline.Block) error {
 	if b.Channels != s.nch {

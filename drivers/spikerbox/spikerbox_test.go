@@ -212,17 +212,33 @@ func TestEventsBecomeTTLPulses(t *testing.T) {
 
 func TestResyncAfterGarbage(t *testing.T) {
 	garbage := map[int][]byte{
-		10: {0x85, 0x01},             // a frame cut short by the next frame start
-		20: {0x03, 0x7F, 0xFF, 0x12}, // no frame start; a lone FF that is no message
-		30: {0xFF, 0xFF, 0x01, 0x02}, // most of a message start
-		40: {0x9F},                   // a frame start whose value is out of 10-bit range
+		10: {0x85, 0x01},                   // a frame cut short by the next frame start
+		20: {0x03, 0x7F, 0xFF, 0x12},       // no frame start; a lone FF that is no message
+		30: {0xFF, 0xFF, 0x01, 0x02},       // most of a message start
+		40: {0x9F},                         // a frame start whose value is out of 10-bit range
+		50: {0x01, 0x02, 0x03, 0x04, 0x05}, // more than a frame's worth (4 bytes)
 	}
 	fake := spikerboxtest.Start(t, spikerboxtest.Options{Frames: 600, Garbage: garbage})
 	s := open(t, fake, nil)
 	got := read(t, s, 10, 600)
-	checkValues(t, got, 2, 1) // no valid frame after the garbage is lost
+	// Every frame arrives whole; each stretch of garbage is taken for the
+	// samples it could have held (rounded up): one, two after frame 50.
+	shift := int64(0)
+	for j, g := range got {
+		if _, ok := garbage[j]; ok {
+			shift += (int64(len(garbage[j])) + 3) / 4
+		}
+		if g.sn != int64(j)+shift {
+			t.Fatalf("frame %d has sample number %d, want %d", j, g.sn, int64(j)+shift)
+		}
+		for c := 0; c < 2; c++ {
+			if want := float32(spikerboxtest.FrameValue(j, c)) - 512; g.vals[c] != want {
+				t.Fatalf("frame %d CH%d = %v, the box sent %v", j, c+1, g.vals[c], want)
+			}
+		}
+	}
 	st := s.Stats()
-	if st.DiscardedBytes != 2+4+4+1 || st.BrokenFrames != 1 {
+	if st.DiscardedBytes != 2+4+4+1+5 || st.BrokenFrames != 1 || st.Resyncs != 5 || st.Gaps != 5 || st.LostSamples != 6 {
 		t.Fatalf("stats %+v", st)
 	}
 }

@@ -19,6 +19,10 @@ type DecoderStats struct {
 	// Discarded is the number of bytes that belonged to no good frame
 	// (garbage, bad frames, bytes skipped while resynchronising).
 	Discarded uint64
+	// Resyncs is the number of stretches of discarded bytes between two
+	// good frames: times the decoder lost the frame boundary and found it
+	// again.
+	Resyncs uint64
 }
 
 // Decoder finds frames in a byte stream. It does no I/O: Feed gives it
@@ -34,6 +38,7 @@ type Decoder struct {
 	r, w       int
 	maxPayload int
 	stats      DecoderStats
+	discarding bool // in a stretch of discarded bytes
 }
 
 var syncWord = []byte{Sync0, Sync1}
@@ -64,7 +69,7 @@ func (d *Decoder) Buffered() int { return d.w - d.r }
 
 // Reset drops everything buffered (counting it as discarded).
 func (d *Decoder) Reset() {
-	d.stats.Discarded += uint64(d.w - d.r)
+	d.discard(d.w - d.r)
 	d.r, d.w = 0, 0
 }
 
@@ -125,6 +130,7 @@ func (d *Decoder) Next() (Frame, bool) {
 		}
 		d.r += end + TrailerSize
 		d.stats.Frames++
+		d.discarding = false
 		return Frame{Type: b[2], Payload: b[HeaderSize:end:end]}, true
 	}
 }
@@ -132,6 +138,10 @@ func (d *Decoder) Next() (Frame, bool) {
 func (d *Decoder) discard(n int) {
 	d.r += n
 	d.stats.Discarded += uint64(n)
+	if !d.discarding && n > 0 {
+		d.discarding = true
+		d.stats.Resyncs++
+	}
 	if d.r == d.w {
 		d.r, d.w = 0, 0
 	}

@@ -82,7 +82,11 @@ func decodeAll(t *testing.T, lay Layout, input []byte, chunks []int) string {
 			}
 		}
 	}
-	fmt.Fprintf(&out, "stats %+v buffered %d\n", d.Stats(), d.Buffered())
+	st := d.Stats()
+	if st.Resyncs > st.Discarded || (st.Discarded > 0) != (st.Resyncs > 0) || st.Resyncs > st.Frames+1 {
+		t.Fatalf("%d resyncs for %d discarded bytes and %d frames", st.Resyncs, st.Discarded, st.Frames)
+	}
+	fmt.Fprintf(&out, "stats %+v buffered %d\n", st, d.Buffered())
 	return out.String()
 }
 

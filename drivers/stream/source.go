@@ -40,6 +40,7 @@ type Stats struct {
 	BadFrames      uint64 // frames dropped for a CRC mismatch
 	Malformed      uint64 // DATA frames whose length did not fit the layout
 	DiscardedBytes uint64 // bytes that belonged to no good frame
+	Resyncs        uint64 // stretches of discarded bytes: times the frame boundary was lost and found again
 	Gaps           uint64 // jumps in sample numbers
 	MissingSamples uint64 // samples missing in those jumps
 	DeviceErrors   uint64 // ERROR frames
@@ -77,7 +78,7 @@ type Source struct {
 
 	stats struct {
 		dataFrames, samples, malformed, gaps, missing, devErrors atomic.Uint64
-		frames, bad, discarded                                   atomic.Uint64
+		frames, bad, discarded, resyncs                          atomic.Uint64
 	}
 	gapLog, badLog, msgLog limiter
 }
@@ -267,6 +268,7 @@ func (s *Source) Stats() Stats {
 		BadFrames:      s.stats.bad.Load(),
 		Malformed:      s.stats.malformed.Load(),
 		DiscardedBytes: s.stats.discarded.Load(),
+		Resyncs:        s.stats.resyncs.Load(),
 		Gaps:           s.stats.gaps.Load(),
 		MissingSamples: s.stats.missing.Load(),
 		DeviceErrors:   s.stats.devErrors.Load(),
@@ -458,6 +460,13 @@ func (s *Source) syncStats() {
 	s.stats.frames.Store(st.Frames)
 	s.stats.bad.Store(st.BadFrames)
 	s.stats.discarded.Store(st.Discarded)
+	s.stats.resyncs.Store(st.Resyncs)
+}
+
+// LinkStats reports the bytes the decoder discarded and how often it lost
+// the frame boundary (drivers.LinkCounter).
+func (s *Source) LinkStats() drivers.LinkStats {
+	return drivers.LinkStats{DiscardedBytes: s.stats.discarded.Load(), Resyncs: s.stats.resyncs.Load()}
 }
 
 func (s *Source) deviceLog(p []byte) {

@@ -28,6 +28,11 @@ type Options struct {
 	Silent bool
 	// NoRecord keeps no raw bytes or port writes (for benchmarks).
 	NoRecord bool
+	// Link, when set, is a symbolic link to the fake's pseudo-terminal (as
+	// udev makes /dev/serial/by-id/… for the board); Path is then Link. A
+	// new fake started with the same Link after an Unplug is the board
+	// plugged in again (see ptytest.NewAt).
+	Link string
 }
 
 // PortWrite is one digital message 0x90|port LSB MSB from the driver.
@@ -62,14 +67,19 @@ func Start(t testing.TB, opts Options) *FakeArduino {
 	if opts.ResetDelay == 0 {
 		opts.ResetDelay = 50 * time.Millisecond
 	}
-	p := ptytest.New(t)
+	var p *ptytest.PTY
+	if opts.Link != "" {
+		p = ptytest.NewAt(t, opts.Link)
+	} else {
+		p = ptytest.New(t)
+	}
+	// The driver must be the only one holding the slave, so that closing
+	// it is the last close (the fake's reads wait meanwhile).
+	p.ReleaseSlave()
 	f := &FakeArduino{Path: p.Path, pty: p, opts: opts, modes: map[int]byte{}, done: make(chan struct{})}
 	go f.reset()
 	go f.run()
-	t.Cleanup(func() {
-		p.Close()
-		<-f.done
-	})
+	t.Cleanup(f.Close)
 	return f
 }
 
@@ -86,11 +96,13 @@ func (f *FakeArduino) reset() {
 	}
 	for i := 0; i < 10000; i++ {
 		var speed uint32
-		conn.Control(func(fd uintptr) {
+		if conn.Control(func(fd uintptr) {
 			if tio, err := unix.IoctlGetTermios(int(fd), unix.TCGETS); err == nil {
 				speed = tio.Cflag & unix.CBAUD
 			}
-		})
+		}) != nil {
+			return // unplugged
+		}
 		if speed != 0 && speed != unix.B38400 { // 38400: the pty's default
 			break
 		}
@@ -250,5 +262,16 @@ func (f *FakeArduino) Queries() int {
 	return f.queries
 }
 
-// Unplug closes the master: the driver's reads and writes fail.
+// Unplug closes the master: the driver's reads and writes fail. The fake
+// stops (its goroutines end).
 func (f *FakeArduino) Unplug() { f.pty.Unplug() }
+
+// Close unplugs the fake and waits for it to stop.
+func (f *FakeArduino) Close() {
+	f.pty.Close()
+	<-f.done
+}
+
+// Send writes raw bytes to the driver as if the board sent them, at run
+// time: garbage, a message cut short or corrupted.
+func (f *FakeArduino) Send(raw []byte) error { return f.send(raw...) }

@@ -63,6 +63,7 @@ type FT232H struct {
 	out       byte // output latch
 	inputs    byte // levels driven onto the pins from outside
 	inQueue   []byte
+	rawIn     [][]byte // whole transfers to return as they are
 	unplugged bool
 	closed    bool
 }
@@ -98,6 +99,16 @@ func (f *FT232H) SetInputs(levels byte) {
 func (f *FT232H) QueueIn(data []byte) {
 	f.mu.Lock()
 	f.inQueue = append(f.inQueue, data...)
+	f.cond.Broadcast()
+	f.mu.Unlock()
+}
+
+// QueueRawIn queues one bulk IN transfer returned exactly as given, before
+// any queued data: no status bytes are added, so a test can hand the
+// driver a damaged transfer (a packet too short for its status bytes).
+func (f *FT232H) QueueRawIn(transfer []byte) {
+	f.mu.Lock()
+	f.rawIn = append(f.rawIn, append([]byte(nil), transfer...))
 	f.cond.Broadcast()
 	f.mu.Unlock()
 }
@@ -231,7 +242,7 @@ func (f *FT232H) Read(endpoint uint8, buf []byte, timeout time.Duration) (int, e
 	deadline := time.Now().Add(timeout)
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for len(f.inQueue) == 0 {
+	for len(f.inQueue) == 0 && len(f.rawIn) == 0 {
 		if err := f.gone(); err != nil {
 			return 0, err
 		}
@@ -245,6 +256,11 @@ func (f *FT232H) Read(endpoint uint8, buf []byte, timeout time.Duration) (int, e
 	}
 	if err := f.gone(); err != nil {
 		return 0, err
+	}
+	if len(f.rawIn) > 0 {
+		n := copy(buf, f.rawIn[0])
+		f.rawIn = f.rawIn[1:]
+		return n, nil
 	}
 	n := 0
 	for len(f.inQueue) > 0 && len(buf)-n > 2 {

@@ -9,7 +9,9 @@
 // It answers v with a firmware v3 banner ending in $$$, d and x…X with
 // their firmware v3 replies, streams 33-byte packets after b and stops
 // after s. Sample values are known: SampleCounts and SampleAccel give what
-// sample k carries, so a test can check every decoded value.
+// sample k carries, so a test can check every decoded value. Inject damages
+// the stream while it runs; Options.Link puts the fake behind a stable
+// link, so that a new fake is the same dongle plugged in again.
 package openbcitest
 
 import (
@@ -63,6 +65,11 @@ type Options struct {
 	// NoiseBeforeBanner sends these bytes before the reply to v (packets
 	// still in flight from an earlier session).
 	NoiseBeforeBanner []byte
+	// Link, when set, is a symbolic link to the fake's pseudo-terminal, as
+	// udev makes /dev/serial/by-id/… for the dongle; Path is then Link. A
+	// new fake started with the same Link after an Unplug is the dongle
+	// plugged in again (see ptytest.NewAt).
+	Link string
 }
 
 // Banner is the reply to v of a Cyton with firmware v3 (without the Daisy
@@ -88,6 +95,8 @@ type FakeCyton struct {
 	sent      int // packets sent
 	unplugged bool
 	changed   chan struct{} // closed and replaced on every change
+	mangles   map[int]func(k int, packet []byte) []byte
+	lastFault int // the last packet index given to Inject
 
 	wmu  sync.Mutex // serialises writes to the master
 	done chan struct{}
@@ -103,7 +112,14 @@ func Start(t testing.TB, opt Options) *FakeCyton {
 	if opt.Rate <= 0 {
 		opt.Rate = 250
 	}
-	f := &FakeCyton{pty: ptytest.New(t), opt: opt, drop: map[int]bool{}, changed: make(chan struct{}), done: make(chan struct{})}
+	var p *ptytest.PTY
+	if opt.Link != "" {
+		p = ptytest.NewAt(t, opt.Link)
+	} else {
+		p = ptytest.New(t)
+	}
+	f := &FakeCyton{pty: p, opt: opt, drop: map[int]bool{}, changed: make(chan struct{}), done: make(chan struct{}),
+		mangles: map[int]func(int, []byte) []byte{}, lastFault: -1}
 	for _, k := range opt.Drop {
 		f.drop[k] = true
 	}
@@ -132,13 +148,28 @@ func (f *FakeCyton) Close() {
 }
 
 // Unplug closes the master side: the driver's reads fail as when the
-// dongle is pulled out.
+// dongle is pulled out. The fake stops (its goroutines end).
 func (f *FakeCyton) Unplug() {
 	f.mu.Lock()
 	f.unplugged = true
 	f.changedLocked()
 	f.mu.Unlock()
 	f.pty.Unplug()
+}
+
+// Inject damages the stream at run time: the next packet not yet sent
+// (after those given to earlier Injects) is replaced by mangle(k, packet),
+// where k is its index and packet its 33 bytes (mangle may change them in
+// place). mangle can prepend garbage, cut the packet short, corrupt its
+// bytes or return nothing. Inject returns k. A packet in Drop is not sent
+// whatever mangle does.
+func (f *FakeCyton) Inject(mangle func(k int, packet []byte) []byte) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	k := max(f.next, f.lastFault+1)
+	f.mangles[k] = mangle
+	f.lastFault = k
+	return k
 }
 
 // Received returns every byte the board received, in order.
@@ -310,7 +341,11 @@ func (f *FakeCyton) streamLoop() {
 		case <-tick.C:
 		}
 		f.mu.Lock()
-		if !f.streaming || f.unplugged {
+		if f.unplugged {
+			f.mu.Unlock()
+			return
+		}
+		if !f.streaming {
 			start = time.Time{}
 			f.mu.Unlock()
 			continue
@@ -326,7 +361,11 @@ func (f *FakeCyton) streamLoop() {
 			if g, ok := f.opt.Garbage[k]; ok {
 				out = append(out, g...)
 			}
-			if !f.drop[k] {
+			if m := f.mangles[k]; m != nil && !f.drop[k] {
+				delete(f.mangles, k)
+				out = append(out, m(k, appendPacket(nil, k, f.opt.Daisy, f.opt.FirstCounter, f.opt.Counts))...)
+				f.sent++
+			} else if !f.drop[k] {
 				out = appendPacket(out, k, f.opt.Daisy, f.opt.FirstCounter, f.opt.Counts)
 				f.sent++
 			}

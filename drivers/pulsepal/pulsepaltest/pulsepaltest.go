@@ -26,6 +26,11 @@ type Options struct {
 	// NoRecord keeps nothing (for benchmarks: the fake then allocates
 	// nothing per message).
 	NoRecord bool
+	// Link, when set, is a symbolic link to the fake's pseudo-terminal (as
+	// udev makes /dev/serial/by-id/… for the device); Path is then Link. A
+	// new fake started with the same Link after an Unplug is the device
+	// plugged in again (see ptytest.NewAt).
+	Link string
 }
 
 // Message is one message the fake received: the opcode (after D5) and its
@@ -67,6 +72,7 @@ type FakePulsePal struct {
 	junk         []byte
 	disconnected bool
 	done         chan struct{}
+	wmu          sync.Mutex // serialises writes to the master
 }
 
 // Start runs a fake Pulse Pal until the test ends.
@@ -75,17 +81,34 @@ func Start(t testing.TB, opts Options) *FakePulsePal {
 	if opts.Firmware == 0 {
 		opts.Firmware = 23
 	}
-	p := ptytest.New(t)
+	var p *ptytest.PTY
+	if opts.Link != "" {
+		p = ptytest.NewAt(t, opts.Link)
+	} else {
+		p = ptytest.New(t)
+	}
 	f := &FakePulsePal{Path: p.Path, pty: p, opts: opts, done: make(chan struct{})}
 	// The driver (possibly an ephysd child process) must be the only one
 	// holding the port, or it would be reported busy.
 	p.ReleaseSlave()
 	go f.run()
-	t.Cleanup(func() {
-		p.Close()
-		<-f.done
-	})
+	t.Cleanup(f.Close)
 	return f
+}
+
+// Close unplugs the fake and waits until it has stopped.
+func (f *FakePulsePal) Close() {
+	f.pty.Close()
+	<-f.done
+}
+
+// Send writes raw bytes to the driver as if the device sent them, at run
+// time: garbage, a corrupted confirmation.
+func (f *FakePulsePal) Send(raw []byte) error {
+	f.wmu.Lock()
+	defer f.wmu.Unlock()
+	_, err := f.pty.Master.Write(raw)
+	return err
 }
 
 // paramSize is the size of the value of parameter code (D5 4A code ch
@@ -146,7 +169,7 @@ func (f *FakePulsePal) run() {
 		}
 		if f.opts.NoRecord {
 			if reply != nil {
-				if _, err := f.pty.Master.Write(reply); err != nil {
+				if err := f.Send(reply); err != nil {
 					return
 				}
 			}
@@ -167,7 +190,7 @@ func (f *FakePulsePal) run() {
 		}
 		f.mu.Unlock()
 		if reply != nil {
-			if _, err := f.pty.Master.Write(reply); err != nil {
+			if err := f.Send(reply); err != nil {
 				return
 			}
 		}

@@ -5,7 +5,9 @@ package ptytest
 
 import (
 	"errors"
+	"io"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -17,10 +19,13 @@ import (
 )
 
 // PTY is a pseudo-terminal pair. Master is the fake device's end; Path is
-// the slave's path for the driver.
+// the path the driver opens: the slave's, or the link made by NewAt.
 type PTY struct {
 	Master *os.File
 	Path   string
+	// Slave is the slave's own path (/dev/pts/N), also when Path is a link.
+	Slave  string
+	link   string
 	slave  *os.File
 	closed atomic.Bool
 }
@@ -48,8 +53,32 @@ func New(t testing.TB) *PTY {
 	}
 	m.Close()
 	m = os.NewFile(uintptr(fd), "/dev/ptmx")
-	p := &PTY{Master: m, Path: s.Name(), slave: s}
+	p := &PTY{Master: m, Path: s.Name(), Slave: s.Name(), slave: s}
 	t.Cleanup(p.Close)
+	return p
+}
+
+// NewAt is New with the slave reached through a symbolic link at link, as
+// udev makes /dev/serial/by-id/… for a USB serial device: the driver opens
+// the link, and a new PTY made at the same link after an Unplug is the
+// same device plugged in again (link is replaced atomically; its folder is
+// created if missing). Unplug removes the link if it still points at this
+// PTY, as udev does when the device goes away. Path is link.
+func NewAt(t testing.TB, link string) *PTY {
+	t.Helper()
+	p := New(t)
+	if err := os.MkdirAll(filepath.Dir(link), 0o755); err != nil {
+		t.Fatalf("ptytest: %v", err)
+	}
+	tmp := link + ".new"
+	os.Remove(tmp)
+	if err := os.Symlink(p.Slave, tmp); err != nil {
+		t.Fatalf("ptytest: %v", err)
+	}
+	if err := os.Rename(tmp, link); err != nil {
+		t.Fatalf("ptytest: %v", err)
+	}
+	p.Path, p.link = link, link
 	return p
 }
 
@@ -63,9 +92,18 @@ func (p *PTY) ReleaseSlave() {
 }
 
 // Unplug closes the master: the driver's reads fail as when a USB device
-// is pulled out.
+// is pulled out. A link made by NewAt is removed first, if it still points
+// at this PTY. Later calls do nothing (the pseudo-terminal's number, and
+// so the link's target, may have gone to a new PTY by then).
 func (p *PTY) Unplug() {
-	p.closed.Store(true)
+	if p.closed.Swap(true) {
+		return
+	}
+	if p.link != "" {
+		if target, err := os.Readlink(p.link); err == nil && target == p.Slave {
+			os.Remove(p.link)
+		}
+	}
 	p.Master.Close()
 }
 
@@ -74,6 +112,16 @@ func (p *PTY) Close() {
 	p.ReleaseSlave()
 	p.Unplug()
 }
+
+// Conn is the master as an io.ReadWriteCloser for a fake device that takes
+// one: Read is p.Read, Write writes to the master, Close is p.Close.
+func (p *PTY) Conn() io.ReadWriteCloser { return conn{p} }
+
+type conn struct{ p *PTY }
+
+func (c conn) Read(b []byte) (int, error)  { return c.p.Read(b) }
+func (c conn) Write(b []byte) (int, error) { return c.p.Master.Write(b) }
+func (c conn) Close() error                { c.p.Close(); return nil }
 
 // Read reads what the driver wrote, like Master.Read, but while nobody has
 // the slave open (before the driver opens it, between a driver's close and

@@ -9,7 +9,9 @@
 // It takes commands ending in ';' (c:N; sets the channel count, start:;
 // streams, h:; stops, ?:; and b:; answer with message blocks) and streams
 // 10-bit frames with known values: FrameValue(k, ch) is channel ch of
-// frame k.
+// frame k. Inject damages the stream while it runs; Options.Link puts the
+// fake behind a stable link, so that a new fake is the same box plugged in
+// again.
 package spikerboxtest
 
 import (
@@ -54,6 +56,11 @@ type Options struct {
 	MidFrameMessages map[int]string
 	// UnplugAfter closes the master once that many frames were counted.
 	UnplugAfter int
+	// Link, when set, is a symbolic link to the fake's pseudo-terminal (as
+	// udev makes /dev/serial/by-id/… for the box); Path is then Link. A new
+	// fake started with the same Link after an Unplug is the box plugged
+	// in again (see ptytest.NewAt).
+	Link string
 }
 
 // FakeSpikerBox is the fake box. Its methods may be called from any
@@ -70,6 +77,8 @@ type FakeSpikerBox struct {
 	next      int
 	unplugged bool
 	changed   chan struct{}
+	mangles   map[int]func(k int, frame []byte) []byte
+	lastFault int
 
 	wmu  sync.Mutex
 	done chan struct{}
@@ -87,7 +96,14 @@ func Start(t testing.TB, opt Options) *FakeSpikerBox {
 	if opt.Rate <= 0 {
 		opt.Rate = 10000
 	}
-	f := &FakeSpikerBox{pty: ptytest.New(t), opt: opt, channels: opt.Channels, changed: make(chan struct{}), done: make(chan struct{})}
+	var p *ptytest.PTY
+	if opt.Link != "" {
+		p = ptytest.NewAt(t, opt.Link)
+	} else {
+		p = ptytest.New(t)
+	}
+	f := &FakeSpikerBox{pty: p, opt: opt, channels: opt.Channels, changed: make(chan struct{}), done: make(chan struct{}),
+		mangles: map[int]func(int, []byte) []byte{}, lastFault: -1}
 	f.pty.ReleaseSlave()
 	f.wg.Add(2)
 	go f.readLoop()
@@ -113,13 +129,55 @@ func (f *FakeSpikerBox) Close() {
 }
 
 // Unplug closes the master: the driver's reads fail as when the box is
-// pulled out.
+// pulled out. The fake stops (its goroutines end).
 func (f *FakeSpikerBox) Unplug() {
 	f.mu.Lock()
 	f.unplugged = true
 	f.changedLocked()
 	f.mu.Unlock()
 	f.pty.Unplug()
+}
+
+// Inject damages the stream at run time: the next frame not yet sent
+// (after those given to earlier Injects) is replaced by mangle(k, frame),
+// where k is its index and frame its bytes (mangle may change them in
+// place). mangle can prepend garbage, cut the frame short, corrupt its
+// bytes or return nothing. Inject returns k.
+func (f *FakeSpikerBox) Inject(mangle func(k int, frame []byte) []byte) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	k := max(f.next, f.lastFault+1)
+	f.mangles[k] = mangle
+	f.lastFault = k
+	return k
+}
+
+// Sent is the number of frames counted so far.
+func (f *FakeSpikerBox) Sent() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.next
+}
+
+// WaitSent waits until n frames were counted, or fails the test after
+// timeout.
+func (f *FakeSpikerBox) WaitSent(t testing.TB, n int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		f.mu.Lock()
+		ok := f.next >= n
+		ch := f.changed
+		f.mu.Unlock()
+		if ok {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline:
+			t.Fatalf("spikerboxtest: %d frames not sent within %v (sent %d)", n, timeout, f.Sent())
+		}
+	}
 }
 
 // Received returns every byte the box received, in order.
@@ -241,7 +299,11 @@ func (f *FakeSpikerBox) streamLoop() {
 		case <-tick.C:
 		}
 		f.mu.Lock()
-		if !f.streaming || f.unplugged {
+		if f.unplugged {
+			f.mu.Unlock()
+			return
+		}
+		if !f.streaming {
 			start = time.Time{}
 			f.mu.Unlock()
 			continue
@@ -259,7 +321,11 @@ func (f *FakeSpikerBox) streamLoop() {
 				out = append(out, Message("EVNT:"+strconv.Itoa(n)+";")...)
 			}
 			fr := AppendFrame(nil, k, f.channels)
-			if m, ok := f.opt.MidFrameMessages[k]; ok {
+			if m := f.mangles[k]; m != nil {
+				delete(f.mangles, k)
+				fr = m(k, fr)
+			}
+			if m, ok := f.opt.MidFrameMessages[k]; ok && len(fr) > 0 {
 				out = append(out, fr[0])
 				out = append(out, Message(m)...)
 				out = append(out, fr[1:]...)

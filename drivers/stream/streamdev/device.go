@@ -1,8 +1,10 @@
 // Package streamdev emulates a headstage that speaks the ephysd stream
 // protocol (docs/stream-protocol.md): the device side of the handshake,
 // START and STOP, and DATA frames made with the reference stream.Encoder,
-// at real-time pace or as fast as the host reads, with faults on demand
-// (garbage, corrupted CRCs, dropped frames, unplugging).
+// at real-time pace or as fast as the host reads, with faults on demand,
+// planned (Config.Faults) or injected while it streams (Inject): garbage,
+// truncated frames, corrupted CRCs, sync words and headers, dropped
+// frames, unplugging.
 //
 // It runs over an io.ReadWriteCloser (the master of a pseudo-terminal, so
 // the driver under test opens a real serial port) or as a fake usb.Device
@@ -44,6 +46,15 @@ const (
 	Drop
 	// Unplug disconnects the device instead of sending the frame.
 	Unplug
+	// Truncate sends only the first Fault.N bytes of the frame (bytes lost
+	// on the way); its samples become a gap.
+	Truncate
+	// CorruptSync flips a bit of the frame's second sync byte: the host
+	// does not see a frame start there.
+	CorruptSync
+	// CorruptHeader flips a bit of the frame's length field after the
+	// header check was computed: the host sees a bad header.
+	CorruptHeader
 )
 
 // Fault is a fault injected at one DATA frame, counted from 0 at START.
@@ -51,6 +62,7 @@ type Fault struct {
 	Frame int
 	Kind  FaultKind
 	Bytes []byte // Garbage
+	N     int    // Truncate
 }
 
 // Generator fills samples (n samples × channels counts, interleaved by
@@ -119,6 +131,7 @@ type Device struct {
 	started   time.Time
 	next      uint64
 	frame     int
+	lastFault int // the last frame index given to Inject
 
 	wmu  sync.Mutex // held while a frame is written
 	out  func([]byte) error
@@ -185,6 +198,7 @@ func New(cfg Config) (*Device, error) {
 		d.mps = 512
 	}
 	d.cond = sync.NewCond(&d.mu)
+	d.lastFault = -1
 	for _, f := range cfg.Faults {
 		d.faults[f.Frame] = f
 	}
@@ -208,6 +222,26 @@ func (d *Device) Streaming() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.streaming
+}
+
+// Inject adds a fault at run time, to the next DATA frame not yet made
+// (after those given to earlier Injects), and returns that frame's index
+// (f.Frame is ignored). Frames count from 0 at START.
+func (d *Device) Inject(f Fault) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f.Frame = max(d.frame, d.lastFault+1)
+	d.faults[f.Frame] = f
+	d.lastFault = f.Frame
+	return f.Frame
+}
+
+// Frames is the number of DATA frames made since START: sent, or dropped,
+// damaged or replaced by a fault.
+func (d *Device) Frames() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.frame
 }
 
 // Commands is the number of good command frames the device received.
@@ -445,6 +479,8 @@ func (d *Device) stream() {
 			return
 		}
 		epoch, first, idx, t0 := d.epoch, d.next, d.frame, d.started
+		f, fault := d.faults[idx]
+		delete(d.faults, idx)
 		d.next += uint64(n)
 		d.frame++
 		d.mu.Unlock()
@@ -462,7 +498,6 @@ func (d *Device) stream() {
 		if err != nil {
 			panic(fmt.Sprintf("streamdev: generator: %v", err))
 		}
-		f, fault := d.faults[idx]
 		if fault {
 			switch f.Kind {
 			case Unplug:
@@ -472,6 +507,12 @@ func (d *Device) stream() {
 				continue
 			case CorruptCRC:
 				buf[stream.HeaderSize+8] ^= 0x01
+			case Truncate:
+				buf = buf[:min(max(f.N, 0), len(buf))]
+			case CorruptSync:
+				buf[1] ^= 0x04
+			case CorruptHeader:
+				buf[4] ^= 0x02
 			}
 		}
 		d.wmu.Lock()
