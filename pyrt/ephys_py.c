@@ -482,7 +482,7 @@ static PyObject *PyInit_oe_pyprocessor(void) {
 // ---------------------------------------------------------------- bootstrap
 
 static const char *boot_source =
-	"import sys, io, inspect, traceback, importlib.util\n"
+	"import sys, io, inspect, traceback, importlib.util, importlib.machinery\n"
 	"import oe_pyprocessor as _oe\n"
 	"class _Stream(io.TextIOBase):\n"
 	"    def __init__(self, which):\n"
@@ -539,12 +539,19 @@ static const char *boot_source =
 	"        todo.append(e.__context__)\n"
 	"sys.stdout = _Stream(1)\n"
 	"sys.stderr = _Stream(2)\n"
+	"class _FreshLoader(importlib.machinery.SourceFileLoader):\n"
+	"    # Compiles the stage's file at every load, never from a cached .pyc:\n"
+	"    # one is stale when the file was rewritten within the same second\n"
+	"    # at the same size (a reload right after an edit).\n"
+	"    def get_code(self, fullname):\n"
+	"        return compile(self.get_data(self.path), self.path, 'exec', dont_inherit=True)\n"
 	"def load(modname, path, folder):\n"
 	"    if folder not in sys.path:\n"
 	"        sys.path.insert(0, folder)\n"
 	"    spec = importlib.util.spec_from_file_location(modname, path)\n"
 	"    if spec is None or spec.loader is None:\n"
 	"        raise ImportError('cannot import %s: not a Python source file' % path)\n"
+	"    spec = importlib.util.spec_from_file_location(modname, path, loader=_FreshLoader(modname, path))\n"
 	"    mod = importlib.util.module_from_spec(spec)\n"
 	"    old = sys.modules.get(modname)\n"
 	"    sys.modules[modname] = mod\n"

@@ -901,3 +901,46 @@ class PyProcessor:
 		t.Fatal("start_acquisition's traceback was not logged")
 	}
 }
+
+// A reload right after an edit runs the new file even when it has the
+// same size and modification time (to the second) as the old one, which
+// a cached .pyc would take for the same file.
+func TestReloadIgnoresStaleBytecode(t *testing.T) {
+	dir := t.TempDir()
+	const tmpl = `
+class PyProcessor:
+    def __init__(self, processor, num_channels, sample_rate):
+        pass
+    def process(self, data):
+        data += %d
+`
+	path := writeModule(t, dir, "samesize.py", fmt.Sprintf(tmpl, 1))
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newStage(t, path, 1)
+	pool, _ := pipeline.NewPool(1, 1, 10)
+	defer pool.Close(true)
+	run := func() float32 {
+		b := pool.TryGet()
+		defer b.Release()
+		b.Data[0] = 0
+		testRT.Do(func() { s.Process(b) })
+		return b.Data[0]
+	}
+	if v := run(); v != 1 {
+		t.Fatalf("first version: %v, want 1", v)
+	}
+	os.MkdirAll(filepath.Join(dir, "__pycache__"), 0o755) // where a .pyc would go
+	writeModule(t, dir, "samesize.py", fmt.Sprintf(tmpl, 7))
+	if err := os.Chtimes(path, fi.ModTime(), fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if v := run(); v != 7 {
+		t.Fatalf("after the reload: %v, want 7 (the old version ran from a stale .pyc?)", v)
+	}
+}
