@@ -51,6 +51,7 @@ type SuiteOptions struct {
 	RecorderChannels             int
 	Footprint                    time.Duration // length of each footprint run
 	FootprintChannels            []int
+	SpikeSeconds                 float64 // of signal per spike detector case
 
 	PNG      string        // latency histogram
 	Dir      string        // scratch folder (recordings)
@@ -63,10 +64,11 @@ type SuiteOptions struct {
 
 func defaultSuiteOptions() SuiteOptions {
 	return SuiteOptions{
-		Events: 2000, Probe: 15 * time.Second, MinChannels: 64, MaxChannels: 8192, ChannelStep: 64,
+		Events: 2000, Probe: 15 * time.Second, MinChannels: 64, MaxChannels: 4096, ChannelStep: 64,
 		PythonCalls: 5000, PythonRounds: 2, PythonChannels: 384, PythonSample: 30,
 		RecorderSeconds: 20, RecorderChannels: 384,
 		Footprint: 10 * time.Second, FootprintChannels: []int{32, 384},
+		SpikeSeconds: 10,
 	}
 }
 
@@ -76,6 +78,7 @@ func quickSuiteOptions() SuiteOptions {
 		PythonCalls: 200, PythonRounds: 1, PythonChannels: 384, PythonSample: 30,
 		RecorderSeconds: 1, RecorderChannels: 384,
 		Footprint: 2 * time.Second, FootprintChannels: []int{32, 384},
+		SpikeSeconds: 0.5,
 	}
 }
 
@@ -87,14 +90,15 @@ func longSuiteOptions() SuiteOptions {
 	o.PythonCalls, o.PythonRounds = 20000, 3
 	o.RecorderSeconds = 60
 	o.Footprint = 30 * time.Second
+	o.SpikeSeconds = 60
 	return o
 }
 
 func (o SuiteOptions) describe() string {
 	return fmt.Sprintf("latency %d events per block size; throughput probes of %s over %d…%d channels (step %d) — the issue's 60 s probes are --long; "+
-		"python %d calls × %d rounds of %d ch × %d samples; recorder %g s of %d ch × 30 kHz; footprint %s per run",
+		"python %d calls × %d rounds of %d ch × %d samples; recorder %g s of %d ch × 30 kHz; footprint %s per run; spike detector %g s of signal per case",
 		o.Events, o.Probe, o.MinChannels, o.MaxChannels, o.ChannelStep, o.PythonCalls, o.PythonRounds, o.PythonChannels, o.PythonSample,
-		o.RecorderSeconds, o.RecorderChannels, o.Footprint)
+		o.RecorderSeconds, o.RecorderChannels, o.Footprint, o.SpikeSeconds)
 }
 
 // ---------------------------------------------------------------- throughput
@@ -1044,6 +1048,7 @@ type suiteResults struct {
 	Footprint  []FootprintResult
 	Calls      *CallsResult
 	Isolation  []IsolationResult
+	Spikes     []SpikesResult
 }
 
 // Latency goals of ephysd, closed loop with Python while recording.
@@ -1323,6 +1328,14 @@ func writeResultsSection(w *bytes.Buffer, docPath, command string, m machineInfo
 		fmt.Fprintln(w, "### Isolated Python stages")
 		fmt.Fprintln(w)
 		t := isolationTable(r.Isolation)
+		fmt.Fprintf(w, "%s:\n\n", t.Title)
+		t.markdown(w)
+		fmt.Fprintln(w)
+	}
+	if len(r.Spikes) > 0 {
+		fmt.Fprintln(w, "### Spike detector")
+		fmt.Fprintln(w)
+		t := spikesTable(r.Spikes, o.SpikeSeconds)
 		fmt.Fprintf(w, "%s:\n\n", t.Title)
 		t.markdown(w)
 		fmt.Fprintln(w)
