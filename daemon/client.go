@@ -359,7 +359,11 @@ func (c *client) call(method, path string, body, out any) ([]byte, error) {
 	}
 	switch {
 	case resp.StatusCode == http.StatusNotFound:
-		return nil, fmt.Errorf("%s %s: %w (is this ephysd older than this client?)", method, path, errNotFound)
+		why := "is this ephysd older than this client?"
+		if text := strings.TrimSpace(string(data)); text != "" {
+			why = text // the daemon's reason: unknown path, processor, parameter…
+		}
+		return nil, fmt.Errorf("%s %s: %w (%s)", method, path, errNotFound, why)
 	case resp.StatusCode/100 != 2:
 		text := strings.TrimSpace(string(data))
 		if text == "" {
@@ -458,6 +462,9 @@ func statusLine(st *ControlStatus) string {
 	if r := st.Recording; r != nil {
 		fmt.Fprintf(&b, " rec %s %s %s", r.Path, fmtBytes(r.Bytes), fmtSeconds(r.Seconds))
 	}
+	if st.RecordingError != "" {
+		fmt.Fprintf(&b, " RECORDING FAILED: %s", st.RecordingError)
+	}
 	for _, s := range st.Stages {
 		fmt.Fprintf(&b, " [%d %s %s p50 %s p99 %s]", s.ID, s.Name, s.State, fmtUS(s.P50), fmtUS(s.P99))
 	}
@@ -490,6 +497,9 @@ func renderStatus(w io.Writer, st *ControlStatus) {
 		fmt.Fprintf(w, "recording   %s\n            %s, %s (experiment %d, recording %d)\n", r.Path, fmtBytes(r.Bytes), fmtSeconds(r.Seconds), r.Experiment, r.Number)
 	} else if st.SessionFolder != "" {
 		fmt.Fprintf(w, "session     %s\n", st.SessionFolder)
+	}
+	if st.RecordingError != "" {
+		fmt.Fprintf(w, "recording   FAILED: %s\n            (acquisition, Python and outputs go on; ephysd record starts a new recording)\n", st.RecordingError)
 	}
 	renderStages(w, st, "stages      ")
 	for _, d := range append(append([]DeviceInfo(nil), st.Outputs...), st.Inputs...) {

@@ -3,6 +3,8 @@ package daemon
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -70,6 +72,15 @@ func TestCLIAgainstDaemon(t *testing.T) {
 	}
 	if _, err := run("status", "extra"); err == nil {
 		t.Fatal("an unexpected argument must be refused")
+	}
+	// A 404 carries the daemon's reason, not a guess.
+	cl, err := newClient(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = cl.call(http.MethodGet, "/api/no/such/path", nil, nil)
+	if !errors.Is(err, errNotFound) || strings.Contains(err.Error(), "older than this client") {
+		t.Fatalf("unknown path: %v", err)
 	}
 }
 
