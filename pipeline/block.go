@@ -150,6 +150,7 @@ func NewPool(size, channels, samples int) (*Pool, error) {
 			cap:      samples,
 			pool:     p,
 		}
+		prefault(b.Data)
 		p.pinner.Pin(&b.Data[0])
 		p.all = append(p.all, b)
 		p.free <- b
@@ -160,6 +161,19 @@ func NewPool(size, channels, samples int) (*Pool, error) {
 	livePools.set[p] = struct{}{}
 	livePools.Unlock()
 	return p, nil
+}
+
+// prefault writes one value in every page of data, so that the pool's
+// memory is resident from the start: fresh memory from the kernel is
+// mapped at its first write, and otherwise the first time a queue reached
+// a new depth would page-fault in the hot path, and the resident size
+// would creep up for hours as rarer load spikes reach deeper into the
+// queues (which looks like a leak).
+func prefault(data []float32) {
+	const perPage = 4096 / 4
+	for i := 0; i < len(data); i += perPage {
+		data[i] = 0
+	}
 }
 
 // Channels is the channel count of the pool's blocks.

@@ -3,6 +3,8 @@ package pipeline
 import (
 	"fmt"
 	"io"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -398,5 +400,35 @@ func TestRunnerInline(t *testing.T) {
 	}
 	if h.log[0] != "start_acq" || h.log[len(h.log)-1] != "stop_acq" || len(h.log) != 32 {
 		t.Fatalf("hooks %v", h.log)
+	}
+}
+
+// A pool's memory is resident once NewPool returns (prefault), not mapped
+// page by page as queues first reach each block.
+func TestPoolMemoryIsResidentFromTheStart(t *testing.T) {
+	rss := func() int64 {
+		b, err := os.ReadFile("/proc/self/status")
+		if err != nil {
+			t.Skip("no /proc/self/status")
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "VmRSS:") {
+				kb, _ := strconv.ParseInt(strings.Fields(l)[1], 10, 64)
+				return kb << 10
+			}
+		}
+		t.Skip("no VmRSS")
+		return 0
+	}
+	before := rss()
+	const blocks, channels, samples = 256, 512, 128 // 64 MiB of samples
+	p, err := NewPool(blocks, channels, samples)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close(false)
+	grown := rss() - before
+	if want := int64(blocks*channels*samples*4) * 9 / 10; grown < want {
+		t.Fatalf("RSS grew %d MiB with a 64 MiB pool: its pages are not resident", grown>>20)
 	}
 }
