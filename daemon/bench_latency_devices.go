@@ -55,10 +55,20 @@ type latDevicesReport struct {
 
 func benchDevicesMain(args []string, stdout, stderr io.Writer) int {
 	var spec latDevicesSpec
-	if err := json.NewDecoder(os.Stdin).Decode(&spec); err != nil {
+	dec := json.NewDecoder(os.Stdin)
+	if err := dec.Decode(&spec); err != nil {
 		fmt.Fprintf(stderr, "bench-devices: reading the spec on stdin: %v\n", err)
 		return 2
 	}
+	// The parent closes stdin when it is done with the devices: normally
+	// they have ended by then (EIO once the ptys' host sides are closed);
+	// if a read still waits, the report is written anyway a moment later.
+	closed := make(chan struct{})
+	go func() {
+		io.Copy(io.Discard, dec.Buffered())
+		io.Copy(io.Discard, os.Stdin)
+		close(closed)
+	}()
 	// Two timing threads, each mostly asleep in a syscall: with more Ps
 	// than that, a thread back from its syscall always finds an idle P
 	// at once instead of parking until one is handed over.
@@ -82,8 +92,26 @@ func benchDevicesMain(args []string, stdout, stderr io.Writer) int {
 		w.Flush()
 	case <-dev.done:
 	}
-	<-dev.done
-	<-ttl.done
+	forced := ""
+	for _, d := range []struct {
+		name string
+		done chan struct{}
+	}{{"the headstage", dev.done}, {"the Pulse Pal", ttl.done}} {
+		select {
+		case <-d.done:
+			continue
+		case <-closed:
+		}
+		select {
+		case <-d.done:
+		case <-time.After(2 * time.Second):
+			forced += d.name + " had not ended 2 s after the host closed the link; "
+			dev.stop.Store(true)
+		}
+	}
+	if forced != "" {
+		fmt.Fprintf(stderr, "bench-devices: %sreporting what was measured\n", forced)
+	}
 	shift := func(ds []time.Duration) []time.Duration {
 		for i := range ds {
 			ds[i] += offset
@@ -111,6 +139,7 @@ type latDevices struct {
 	report latDevicesReport
 	err    error // of the child, after done
 	stderr bytes.Buffer
+	stdin  io.WriteCloser // closed: the child reports and exits
 }
 
 // startLatDevices starts the fake devices' child on the masters of in and
@@ -125,7 +154,11 @@ func startLatDevices(in, out *latPTY, clk latClock, channels, rate, block int, p
 		return nil, err
 	}
 	d := &latDevices{cmd: cmd, last: make(chan struct{}), done: make(chan struct{})}
-	cmd.Stdin = bytes.NewReader(spec)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	d.stdin = stdin
 	cmd.Stderr = &d.stderr
 	cmd.ExtraFiles = []*os.File{in.master, out.master}
 	// No Pdeathsig: it fires when the thread that forked exits, and Go
@@ -138,6 +171,11 @@ func startLatDevices(in, out *latPTY, clk latClock, channels, rate, block int, p
 	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting the fake devices' process: %w", err)
+	}
+	if _, err := stdin.Write(spec); err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, fmt.Errorf("the fake devices' spec: %w", err)
 	}
 	go func() {
 		defer close(d.done)
@@ -172,6 +210,7 @@ func startLatDevices(in, out *latPTY, clk latClock, channels, rate, block int, p
 // wait waits for the child to end (the ptys' host sides closed), and
 // kills it after limit.
 func (d *latDevices) wait(limit time.Duration) error {
+	d.stdin.Close()
 	select {
 	case <-d.done:
 		return d.err
