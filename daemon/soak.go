@@ -40,9 +40,9 @@ numpy, prints the report and exits 1 if a goal was missed:
   files flat; the daemon stops cleanly.
 
 Warm-up: the first 10 % of the run, at least min(60 s, a quarter of it),
-and until the daemon's first Go garbage collection (until then the Go heap
-grows towards the collector's goal by design; a collection comes every 2
-minutes at the latest). Drift and flatness compare the median of the first
+and until the daemon's first Go garbage collection, up to half the run
+(until then the Go heap grows towards the collector's goal by design; a
+collection comes every 2 minutes at the latest). Drift and flatness compare the median of the first
 window after warm-up with the median of the last window (60 s, or a third of
 what is left after warm-up in a shorter run).
 
@@ -185,14 +185,14 @@ type point struct {
 // soakWindows returns the warm-up and the length of the windows that drift
 // and flatness compare, for a run of length run. Warm-up lasts 10 % of the
 // run, at least min(60 s, run/4), and until the first Go garbage collection
-// after the daemon was ready (gcAt, when there was one; < 0: none): before
-// it, the Go heap only grows, by design, towards the collector's goal — the
-// runtime forces a collection every 2 minutes at the latest. A window is
-// 60 s, or a third of what is left after warm-up, so the two windows never
-// overlap.
+// after the daemon was ready (gcAt, when there was one; < 0: none), but no
+// longer than half the run: before that collection the Go heap only grows,
+// by design, towards the collector's goal — the runtime forces a collection
+// every 2 minutes at the latest. A window is 60 s, or a third of what is
+// left after warm-up, so the two windows never overlap.
 func soakWindows(run, gcAt time.Duration) (warmUp, window time.Duration) {
-	warmUp = max(run/10, min(60*time.Second, run/4), gcAt)
-	window = max(min(60*time.Second, (run-warmUp)/3), 0)
+	warmUp = max(run/10, min(60*time.Second, run/4), min(gcAt, run/2))
+	window = min(60*time.Second, (run-warmUp)/3)
 	return warmUp, window
 }
 

@@ -121,7 +121,8 @@ func TestSoakWindows(t *testing.T) {
 		{60 * time.Minute, 2*time.Minute + 5*time.Second, 6 * time.Minute, time.Minute},
 		{10 * time.Minute, 2*time.Minute + 5*time.Second, 2*time.Minute + 5*time.Second, time.Minute},
 		{15 * time.Second, -1, 3750 * time.Millisecond, 3750 * time.Millisecond},
-		{2 * time.Minute, 2*time.Minute + time.Second, 2*time.Minute + time.Second, 0}, // nothing left to measure
+		{2 * time.Minute, 2*time.Minute + time.Second, time.Minute, 20 * time.Second}, // a late collection: half the run at most
+		{15 * time.Second, 11 * time.Second, 7500 * time.Millisecond, 2500 * time.Millisecond},
 	} {
 		w, win := soakWindows(c.run, c.gc)
 		if w != c.warmUp || win != c.window {
@@ -369,7 +370,7 @@ func TestSoakDocWriter(t *testing.T) {
 
 // TestSoakShort runs the soak machinery for real for 12 s: the daemon
 // binary with 16 channels through the band-pass module, recordings cut
-// every 5 s, the API polled, /proc sampled, every recording checked with
+// every 4 s, the API polled, /proc sampled, every recording checked with
 // neo. The counts must come out clean and the report complete. (The RSS
 // drift of a 12 s run is the Go heap's warm-up: no verdict is asserted.)
 func TestSoakShort(t *testing.T) {
@@ -381,7 +382,7 @@ func TestSoakShort(t *testing.T) {
 	dir := t.TempDir()
 	r, err := RunSoak(context.Background(), SoakOptions{
 		Exe: bin, Duration: 12 * time.Second, Channels: 16, Module: mustAbs(t, "../examples/bandpass_filter.py"),
-		Dir: dir, Segment: 5 * time.Second, Sample: 250 * time.Millisecond, Progress: progressLog{t},
+		Dir: dir, Segment: 4 * time.Second, Sample: 250 * time.Millisecond, Metrics: 250 * time.Millisecond, Progress: progressLog{t},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -397,8 +398,8 @@ func TestSoakShort(t *testing.T) {
 	if r.Interrupted || r.Overruns != 0 || r.SourceGaps != 0 || r.Samples < 12*30000 || r.Blocks < 12*1000 {
 		t.Errorf("pipeline: %d blocks, %d samples, %d overruns, %d gaps", r.Blocks, r.Samples, r.Overruns, r.SourceGaps)
 	}
-	// Cut at 5 s and 10 s: three recordings, each checked, whole, and
-	// following the one before it.
+	// Cut at 4 s and 8 s (not at 12 s: too little would be left): three
+	// recordings, each checked, whole, and following the one before it.
 	if len(r.Segments) != 3 || r.ModeChanges != 4 {
 		t.Fatalf("%d recordings, %d mode changes; want 3, 4", len(r.Segments), r.ModeChanges)
 	}
