@@ -1209,6 +1209,18 @@ const (
 	docEnd   = "<!-- ephysd bench: end -->"
 )
 
+// spliceMarked returns doc with what lies between its begin and end
+// markers (the markers included) replaced by section, which carries its own
+// markers; ok is false when doc has no such pair.
+func spliceMarked(doc, section []byte, begin, end string) (_ []byte, ok bool) {
+	b, e := bytes.Index(doc, []byte(begin)), bytes.Index(doc, []byte(end))
+	if b < 0 || e < b {
+		return nil, false
+	}
+	out := append(append(append([]byte(nil), doc[:b]...), section...), doc[e+len(end):]...)
+	return out, true
+}
+
 // writePerformanceDoc writes the results section of path, keeping what lies
 // outside the markers (the historical part).
 func writePerformanceDoc(path, command string, m machineInfo, o SuiteOptions, r *suiteResults) error {
@@ -1218,13 +1230,9 @@ func writePerformanceDoc(path, command string, m machineInfo, o SuiteOptions, r 
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	var doc []byte
-	b, e := bytes.Index(old, []byte(docBegin)), bytes.Index(old, []byte(docEnd))
+	doc, ok := spliceMarked(old, s.Bytes(), docBegin, docEnd)
 	switch {
-	case b >= 0 && e > b:
-		doc = append(doc, old[:b]...)
-		doc = append(doc, s.Bytes()...)
-		doc = append(doc, old[e+len(docEnd):]...)
+	case ok:
 	case len(old) == 0:
 		doc = append([]byte("# Performance\n\n"), s.Bytes()...)
 		doc = append(doc, '\n')

@@ -1549,13 +1549,9 @@ func writeSoakDoc(path, command string, r *SoakReport) error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	var doc []byte
-	b, e := bytes.Index(old, []byte(soakDocBegin)), bytes.Index(old, []byte(soakDocEnd))
+	doc, ok := spliceMarked(old, s.Bytes(), soakDocBegin, soakDocEnd)
 	switch {
-	case b >= 0 && e > b:
-		doc = append(doc, old[:b]...)
-		doc = append(doc, s.Bytes()...)
-		doc = append(doc, old[e+len(soakDocEnd):]...)
+	case ok:
 	default:
 		h := bytes.Index(old, []byte("\n## Soak\n"))
 		if h < 0 {
