@@ -10,7 +10,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"go.bug.st/serial"
 	"go.uber.org/zap"
 
 	"github.com/ephysd/ephysd/drivers"
@@ -221,7 +220,7 @@ func (s *Source) Start() error {
 	}
 
 	_ = s.port.ResetInputBuffer()
-	if err := s.port.SetReadTimeout(serial.NoTimeout); err != nil {
+	if err := s.port.SetReadTimeout(serialport.NoTimeout); err != nil {
 		return fmt.Errorf("openbci %s: %w", s.cfg.Path, err)
 	}
 	if err := s.write("b"); err != nil {

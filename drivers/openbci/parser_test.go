@@ -225,7 +225,7 @@ func newUnstarted(t testing.TB, daisy bool) *Source {
 }
 
 // BenchmarkReadBlock measures bytes → parser → ring → ReadBlock in steady
-// state (no port: go.bug.st/serial's Read allocates on its own).
+// state (no port: serialport's Read is tested on its own).
 func BenchmarkReadBlock(b *testing.B) {
 	s := newUnstarted(b, false)
 	blk := newBlock(b, len(s.Info().Channels), 8)

@@ -1,7 +1,9 @@
 // Package serialport opens serial devices (USB CDC-ACM, FTDI and other
 // USB-serial adapters) for the drivers: raw 8N1 at a chosen rate through
-// go.bug.st/serial, the kernel's low-latency flag where it can be set, and
-// errors that say what to do.
+// termios (port_linux.go: reads that allocate nothing and cost one
+// syscall while data waits), the kernel's low-latency flag where it can be
+// set, and errors that say what to do. go.bug.st/serial's enumerator
+// lists the ports (list.go).
 package serialport
 
 import (
@@ -13,11 +15,9 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 	"unsafe"
 
-	"go.bug.st/serial"
 	"golang.org/x/sys/unix"
 )
 
@@ -25,7 +25,7 @@ import (
 type Port interface {
 	io.ReadWriteCloser
 	// SetReadTimeout makes Read return (0, nil) after d without data;
-	// serial.NoTimeout (-1) blocks.
+	// NoTimeout (-1) blocks.
 	SetReadTimeout(d time.Duration) error
 	// ResetInputBuffer drops what the kernel has buffered.
 	ResetInputBuffer() error
@@ -61,55 +61,24 @@ func Open(path string, opt Options) (Port, Latency, error) {
 	if holders := Holders(path); len(holders) > 0 {
 		return nil, lat, fmt.Errorf("serial %s: busy — it is open in %s; close that program (or stop the service) and try again", path, strings.Join(holders, ", "))
 	}
-	// go.bug.st/serial opens the device without O_CLOEXEC: hold the fork
-	// lock (as the syscall package does for such opens) until the new
-	// descriptor is close-on-exec, so no child process of ephysd (a Python
-	// subprocess, a tool) keeps the port open after ephysd closes it.
-	syscall.ForkLock.RLock()
-	p, err := serial.Open(path, &serial.Mode{BaudRate: opt.Baud, DataBits: 8, Parity: serial.NoParity, StopBits: serial.OneStopBit})
-	if err == nil {
-		setCloseOnExec(path)
-	}
-	syscall.ForkLock.RUnlock()
+	p, err := openPort(path, opt.Baud)
 	if err != nil {
 		return nil, lat, OpenError(path, err)
 	}
 	return p, lat, nil
 }
 
-// setCloseOnExec marks every descriptor of this process open on path
-// close-on-exec.
-func setCloseOnExec(path string) {
-	target, err := filepath.EvalSymlinks(path)
-	if err != nil {
-		return
-	}
-	fds, _ := os.ReadDir("/proc/self/fd")
-	for _, fd := range fds {
-		if l, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil && l == target {
-			if n, err := strconv.Atoi(fd.Name()); err == nil {
-				unix.CloseOnExec(n)
-			}
-		}
-	}
-}
-
 // OpenError turns an open failure into an error that says what to do.
 func OpenError(path string, err error) error {
-	var pe *serial.PortError
-	code := serial.PortErrorCode(-1)
-	if errors.As(err, &pe) {
-		code = pe.Code()
-	}
 	switch {
-	case code == serial.PermissionDenied || errors.Is(err, fs.ErrPermission):
+	case errors.Is(err, fs.ErrPermission):
 		return fmt.Errorf("serial %s: permission denied — add the service user to group %s (usermod -aG %s USER, then log in again) or install systemd/99-ephysd.rules", path, groupOf(path), groupOf(path))
-	case code == serial.PortBusy || errors.Is(err, unix.EBUSY):
+	case errors.Is(err, unix.EBUSY):
 		return fmt.Errorf("serial %s: busy — another program holds it%s", path, holdersText(path))
-	case code == serial.PortNotFound || errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENXIO):
+	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENXIO):
 		return fmt.Errorf("serial %s: no such device — is it plugged in? `ephysd devices` lists the serial ports it sees", path)
-	case code == serial.InvalidSerialPort:
-		return fmt.Errorf("serial %s: not a serial port (%v)", path, err)
+	case errors.Is(err, errNotSerial):
+		return fmt.Errorf("serial %s: %v", path, err)
 	}
 	return fmt.Errorf("serial %s: %w", path, err)
 }

@@ -1,6 +1,7 @@
 package serialport
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ephysd/ephysd/drivers/serialport/ptytest"
+	"golang.org/x/sys/unix"
 )
 
 func TestOpenPTYBothWays(t *testing.T) {
@@ -112,5 +114,147 @@ func TestPortIsCloseOnExec(t *testing.T) {
 	}
 	if strings.Contains(string(out), p.Path) {
 		t.Fatalf("a child inherited %s:\n%s", p.Path, out)
+	}
+}
+
+// The closed-loop preset reads every sample on the Python thread: a Read,
+// with data waiting or after waiting for it, must not allocate.
+func TestReadAllocatesNothing(t *testing.T) {
+	p := ptytest.New(t)
+	port, _, err := Open(p.Path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer port.Close()
+	p.ReleaseSlave()
+	buf := make([]byte, 64)
+	frame := []byte("0123456789")
+	port.SetReadTimeout(2 * time.Second)
+	withData := testing.AllocsPerRun(200, func() {
+		p.Master.Write(frame)
+		for n := 0; n < len(frame); {
+			k, err := port.Read(buf)
+			if err != nil || k == 0 {
+				t.Fatalf("read: %d %v", k, err)
+			}
+			n += k
+		}
+	})
+	port.SetReadTimeout(200 * time.Microsecond)
+	waiting := testing.AllocsPerRun(200, func() {
+		if k, err := port.Read(buf); k != 0 || err != nil {
+			t.Fatalf("read with nothing sent: %d %v", k, err)
+		}
+	})
+	// p.Master.Write is the test's (os.File) side; measure it alone.
+	master := testing.AllocsPerRun(200, func() {
+		p.Master.Write(frame)
+	})
+	port.SetReadTimeout(100 * time.Millisecond)
+	for {
+		if k, _ := port.Read(buf); k == 0 {
+			break
+		}
+	}
+	if withData-master > 0 || waiting > 0 {
+		t.Fatalf("allocations per Read: %v with data (the master's write: %v), %v after a wait", withData, master, waiting)
+	}
+}
+
+func TestCloseEndsPendingReadAndWrite(t *testing.T) {
+	p := ptytest.New(t)
+	port, _, err := Open(p.Path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.ReleaseSlave()
+	port.SetReadTimeout(NoTimeout)
+	readDone := make(chan error, 1)
+	go func() {
+		_, err := port.Read(make([]byte, 16))
+		readDone <- err
+	}()
+	// Nobody reads the master: a big write fills the pty and waits.
+	writeDone := make(chan error, 1)
+	go func() {
+		_, err := port.Write(make([]byte, 1<<20))
+		writeDone <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	select {
+	case err := <-readDone:
+		t.Fatalf("read returned before Close: %v", err)
+	case err := <-writeDone:
+		t.Fatalf("1 MiB write into a pty nobody reads returned before Close: %v", err)
+	default:
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- port.Close() }()
+	for name, ch := range map[string]chan error{"read": readDone, "write": writeDone} {
+		select {
+		case err := <-ch:
+			if !errors.Is(err, os.ErrClosed) {
+				t.Fatalf("pending %s ended with %v, want os.ErrClosed", name, err)
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatalf("Close did not end the pending %s", name)
+		}
+	}
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	if err := port.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if _, err := port.Read(make([]byte, 1)); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("read after Close: %v", err)
+	}
+}
+
+func TestHangupEndsReadWithErrHangup(t *testing.T) {
+	p := ptytest.New(t)
+	port, _, err := Open(p.Path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer port.Close()
+	p.ReleaseSlave()
+	port.SetReadTimeout(NoTimeout)
+	done := make(chan error, 1)
+	go func() {
+		_, err := port.Read(make([]byte, 16))
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	p.Unplug()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrHangup) || !strings.Contains(err.Error(), p.Path) {
+			t.Fatalf("read after hang-up: %v, want ErrHangup naming %s", err, p.Path)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("a hang-up did not end a blocked read")
+	}
+}
+
+func TestBaudRates(t *testing.T) {
+	for _, baud := range []int{57600, 115200, 250000, 2000000} {
+		p := ptytest.New(t)
+		pt, _, err := Open(p.Path, Options{Baud: baud})
+		if err != nil {
+			t.Fatalf("%d baud: %v", baud, err)
+		}
+		tio, err := unix.IoctlGetTermios(pt.(*port).fd, unix.TCGETS2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tio.Ospeed != uint32(baud) || tio.Cflag&unix.CSIZE != unix.CS8 || tio.Cflag&(unix.PARENB|unix.CSTOPB|unix.CRTSCTS) != 0 || tio.Lflag&unix.ICANON != 0 {
+			t.Fatalf("%d baud: termios %+v", baud, tio)
+		}
+		pt.Close()
+	}
+	p := ptytest.New(t)
+	if _, _, err := Open(p.Path, Options{Baud: -5}); err == nil || !strings.Contains(err.Error(), "baud") {
+		t.Fatalf("negative baud: %v", err)
 	}
 }

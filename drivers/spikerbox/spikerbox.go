@@ -10,7 +10,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"go.bug.st/serial"
 	"go.uber.org/zap"
 
 	"github.com/ephysd/ephysd/drivers"
@@ -184,7 +183,7 @@ func (s *Source) Start() error {
 		s.log.Warn(s.latency.Hint)
 	}
 	_ = s.port.ResetInputBuffer()
-	if err := s.port.SetReadTimeout(serial.NoTimeout); err != nil {
+	if err := s.port.SetReadTimeout(serialport.NoTimeout); err != nil {
 		return fmt.Errorf("spikerbox %s: %w", s.cfg.Path, err)
 	}
 	if _, err := s.port.Write([]byte(StartCommands(s.nch))); err != nil {

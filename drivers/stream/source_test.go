@@ -61,7 +61,7 @@ func patternDevice(t testing.TB, cfg streamdev.Config) *streamdev.Device {
 }
 
 // onPTY serves d on a real pseudo-terminal and returns the configuration
-// that opens its slave through go.bug.st/serial.
+// that opens its slave through serialport.
 func onPTY(t testing.TB, d *streamdev.Device) *stream.Config {
 	t.Helper()
 	p := ptytest.New(t)

@@ -83,7 +83,7 @@ func Start(t testing.TB, opts Options) *FakeArduino {
 	return f
 }
 
-// reset waits until the driver opens the port (go.bug.st/serial sets the
+// reset waits until the driver opens the port (serialport sets the
 // line rate, which the master sees in the terminal settings), then, after
 // ResetDelay, sends the version report.
 func (f *FakeArduino) reset() {

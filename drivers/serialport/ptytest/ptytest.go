@@ -1,5 +1,5 @@
 // Package ptytest gives driver tests a real pseudo-terminal: the driver
-// opens the slave by path through go.bug.st/serial, exactly as it opens a
+// opens the slave by path through serialport, exactly as it opens a
 // device, and the test's fake device speaks the protocol on the master.
 package ptytest
 
