@@ -127,8 +127,15 @@ print("max error", err)
 // threshold on channel 0 (outside the refractory period) and a falling edge
 // one pulse later, at exact sample numbers; checked against crossings found
 // offline in the captured input.
+// Blocks of 1 and 3 samples take its plain-Python scan, 30 its numpy one.
 func TestThresholdTTLClosedLoop(t *testing.T) {
-	dir, c := chain(t, "channels = 4\nspike_channels = [1, 3]\nunits = 2", 30, abs(t, "threshold_ttl.py"))
+	for _, block := range []int{1, 3, 30} {
+		t.Run(fmt.Sprintf("block%d", block), func(t *testing.T) { testThresholdTTL(t, block) })
+	}
+}
+
+func testThresholdTTL(t *testing.T, block int) {
+	dir, c := chain(t, "channels = 4\nspike_channels = [1, 3]\nunits = 2", block, abs(t, "threshold_ttl.py"))
 	session := c.Session.Dir()
 	out := python(t, `
 import sys, glob, os, numpy as np
@@ -150,6 +157,40 @@ assert list(sn[st == line]) == rising, (list(sn[st == line])[:5], rising[:5])
 assert list(sn[st == -line]) == [r + pulse for r in rising if r + pulse < len(x)], "falling edges"
 print(len(rising), "crossings")
 `, dir, session, abs(t, "."))
+	t.Log(strings.TrimSpace(out))
+}
+
+// threshold_ttl's plain-Python scan (small blocks) and its numpy scan find
+// the same edges at the same sample numbers, for every block size, on
+// noise with crossings and samples exactly at the threshold; run in
+// Debian's Python with a stand-in for the processor object.
+func TestThresholdTTLSmallAndLargeBlocksAgree(t *testing.T) {
+	out := python(t, `
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+import threshold_ttl as th
+class P:
+    def __init__(self): self.ev = []; self.sample_number = 0
+    def add_python_event(self, line, state, sample_number=None): self.ev.append((line, state, sample_number))
+rng = np.random.default_rng(7)
+x = rng.normal(0, 25, (3, 9000)).astype(np.float32)
+x[0, rng.integers(0, 9000, 150)] = -100
+x[0, rng.integers(0, 9000, 150)] = th.THRESHOLD_UV
+runs = {}
+for small in (th.SMALL_BLOCK, 0):
+    th.SMALL_BLOCK = small
+    for bs in (1, 2, 3, 7, 8, 9, 30, 1000):
+        p = P(); st = th.PyProcessor(p, 3, 30000)
+        for a in range(0, x.shape[1], bs):
+            p.sample_number = a
+            st.process(np.ascontiguousarray(x[:, a:a + bs]))
+        runs[(small, bs)] = p.ev
+ref = runs[(0, 30)]
+bad = [k for k, v in runs.items() if v != ref]
+assert not bad, ("differ from the numpy scan at block 30:", bad)
+assert len(ref) > 100, len(ref)
+print(len(ref), "edges in", len(runs), "runs")
+`, abs(t, "."))
 	t.Log(strings.TrimSpace(out))
 }
 
