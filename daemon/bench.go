@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -70,6 +71,8 @@ func benchCommand(args []string, stdout, stderr io.Writer) error {
 	scratch := fs.String("dir", "", "folder for the recordings the bench makes (default $TMPDIR); the recorder figures are for its disk")
 	seconds := fs.Float64("seconds", 10, "calls: seconds of 384-channel data per process run")
 	calls := fs.Int("calls", 20000, "calls: Python calls for the overhead figure")
+	blocks := fs.String("blocks", "1,4,30", "latency: block sizes in samples, comma-separated")
+	conditions := fs.String("conditions", "idle,hog", "latency: conditions, comma-separated: idle, hog (recording on plus a CPU hog)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -83,6 +86,10 @@ func benchCommand(args []string, stdout, stderr io.Writer) error {
 	probe, err := parseDuration("probe", *probeFlag)
 	if err != nil {
 		return err
+	}
+	blockSizes, latConds, err := parseLatencyFlags(*blocks, *conditions)
+	if err != nil {
+		return usageError{err}
 	}
 	o := defaultSuiteOptions()
 	switch {
@@ -148,7 +155,7 @@ func benchCommand(args []string, stdout, stderr io.Writer) error {
 			section("closed-loop latency")
 			res.Latency, err = BenchLatency(LatencyOptions{
 				Events: o.Events, PNG: o.PNG, Module: filepath.Join(*examples, "threshold_ttl.py"),
-				Log: log, Progress: stderr,
+				BlockSizes: blockSizes, Conditions: latConds, Log: log, Progress: stderr,
 			})
 			if err == nil {
 				PrintLatency(stdout, res.Latency)
@@ -242,6 +249,30 @@ func benchCommand(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "bench: wrote the results into %s\n", doc)
 	}
 	return nil
+}
+
+// parseLatencyFlags reads --blocks and --conditions.
+func parseLatencyFlags(blocks, conditions string) ([]int, []string, error) {
+	var sizes []int
+	for _, f := range strings.Split(blocks, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > 1024 {
+			return nil, nil, fmt.Errorf("bench: --blocks %q: give block sizes of 1–1024 samples, comma-separated", blocks)
+		}
+		sizes = append(sizes, n)
+	}
+	var conds []string
+	for _, f := range strings.Split(conditions, ",") {
+		switch strings.TrimSpace(f) {
+		case "idle":
+			conds = append(conds, LatencyIdle)
+		case "hog":
+			conds = append(conds, LatencyHog)
+		default:
+			return nil, nil, fmt.Errorf("bench: --conditions %q: use idle, hog or idle,hog", conditions)
+		}
+	}
+	return sizes, conds, nil
 }
 
 // benchSelect turns the command line's part names into the parts to run,

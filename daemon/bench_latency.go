@@ -88,6 +88,12 @@ type LatencyResult struct {
 	DeviceLate Quantiles // the fake headstage: frame written − frame due (its own timer lateness)
 	Gaps       uint64    // gaps in sample numbers ephysd saw
 	Matching   string    // "in order", or how triggers were matched when counts differed
+	// (b) of each crossing split in three on the harness's clock: the
+	// block's last byte written → ephysd has read the block (the input
+	// pty, waking the reading thread, and any blocks still ahead of it);
+	// → the Pulse Pal sink has written the trigger (the pipeline, Python,
+	// the sink's write); → the harness has read it (the output pty).
+	ToRead, ToWritten, ToHarness Quantiles
 	// CPU used while streaming, in CPUs (1 = one core busy): by this
 	// process (ephysd), by the fake devices' process, and by everything
 	// else but the CPU hog (other processes; kernel workers, the ptys'
@@ -748,9 +754,8 @@ http = ""
 	if err != nil {
 		return res, err
 	}
-	// The hog starts before the chain opens its ports: go.bug.st/serial
-	// opens them without O_CLOEXEC, and a child started later would hold
-	// them open (and the fake devices would never see them closed).
+	// The hog starts before the chain opens its ports (which are
+	// close-on-exec; starting it first keeps that from mattering).
 	var hog *exec.Cmd
 	stopHog := func() {
 		if hog != nil {
@@ -765,10 +770,12 @@ http = ""
 			return res, err
 		}
 	}
-	chain, err := NewChain(cfg, opts.Log)
+	probe := &latProbe{base: clk.base, recs: make([]latProbeRec, 0, len(planted)+64)}
+	chain, err := NewChainWith(cfg, opts.Log, ChainOptions{ProbeSinks: []pipeline.EventSink{probe}})
 	if err != nil {
 		return res, err
 	}
+	probe.source = chain.Info.ProcessorID
 	chainStopped := false
 	defer func() {
 		if !chainStopped {
@@ -824,8 +831,10 @@ http = ""
 	rep := devs.report
 	res.DeviceLate = rep.Late
 
-	fill, sw, total, missed, spurious, how := latMatchTriggers(rep.Start, planted, rep.Began, rep.Written, rep.Triggers, float64(opts.Rate))
+	fill, sw, total, matched, missed, spurious, how := latMatchTriggers(rep.Start, planted, rep.Began, rep.Written, rep.Triggers, float64(opts.Rate))
 	res.Fill, res.Software, res.Total = latQuantilesOf(fill), latQuantilesOf(sw), latQuantilesOf(total)
+	toRead, toWritten, toHarness := probe.split(matched, planted, rep.Written)
+	res.ToRead, res.ToWritten, res.ToHarness = latQuantilesOf(toRead), latQuantilesOf(toWritten), latQuantilesOf(toHarness)
 	res.software, res.total = sw, total
 	for _, d := range sw {
 		if d <= 0 {
@@ -844,7 +853,7 @@ http = ""
 // began before it arrived, which is exact while latencies stay below the
 // spacing; a crossing left without one is missed, a second trigger for
 // one is spurious.
-func latMatchTriggers(start time.Duration, planted []int64, began, written, arrived []time.Duration, rate float64) (fill, sw, total []time.Duration, missed, spurious int, how string) {
+func latMatchTriggers(start time.Duration, planted []int64, began, written, arrived []time.Duration, rate float64) (fill, sw, total []time.Duration, matched []latMatch, missed, spurious int, how string) {
 	due := func(i int) time.Duration {
 		return start + time.Duration(float64(planted[i])/rate*float64(time.Second))
 	}
@@ -852,6 +861,7 @@ func latMatchTriggers(start time.Duration, planted []int64, began, written, arri
 		fill = append(fill, written[i]-due(i))
 		sw = append(sw, a-written[i])
 		total = append(total, a-due(i))
+		matched = append(matched, latMatch{i, a})
 	}
 	inOrder := len(arrived) == len(planted)
 	for k := 0; inOrder && k < len(arrived); k++ {
@@ -861,7 +871,7 @@ func latMatchTriggers(start time.Duration, planted []int64, began, written, arri
 		for k, a := range arrived {
 			add(k, a)
 		}
-		return fill, sw, total, 0, 0, "in order"
+		return fill, sw, total, matched, 0, 0, "in order"
 	}
 	got := make([]bool, len(planted))
 	for _, a := range arrived {
@@ -879,7 +889,66 @@ func latMatchTriggers(start time.Duration, planted []int64, began, written, arri
 			missed++
 		}
 	}
-	return fill, sw, total, missed, spurious, fmt.Sprintf("by time (%d triggers for %d crossings)", len(arrived), len(planted))
+	return fill, sw, total, matched, missed, spurious, fmt.Sprintf("by time (%d triggers for %d crossings)", len(arrived), len(planted))
+}
+
+// latMatch is a crossing (index into planted) and when its trigger arrived.
+type latMatch struct {
+	crossing int
+	arrived  time.Duration
+}
+
+// latProbe is an event sink after the Pulse Pal's: for each rising edge
+// of line 0 it notes, on the harness's clock, when ephysd had read the
+// block holding it and when the outputs had been handed it (the Pulse
+// Pal's write returned).
+type latProbe struct {
+	base   time.Time
+	source int // the source's processor id: its own TTL inputs are not triggers
+	mu     sync.Mutex
+	recs   []latProbeRec // preallocated: the probe allocates nothing
+}
+
+type latProbeRec struct {
+	sample          int64
+	read, delivered time.Duration
+}
+
+func (p *latProbe) HandleEvents(b *pipeline.Block) error {
+	for _, e := range b.Events {
+		if e.Kind == pipeline.EventTTL && e.Line == 0 && e.State && e.Processor != p.source {
+			now := time.Since(p.base)
+			p.mu.Lock()
+			if len(p.recs) < cap(p.recs) {
+				p.recs = append(p.recs, latProbeRec{sample: e.SampleNumber, read: b.ReadAt.Sub(p.base), delivered: now})
+			}
+			p.mu.Unlock()
+		}
+	}
+	return nil
+}
+
+// split divides the software latency of each matched crossing at the
+// probe's two timestamps; crossings the probe did not see are left out.
+func (p *latProbe) split(matched []latMatch, planted []int64, written []time.Duration) (toRead, toWritten, toHarness []time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	at := make(map[int64]latProbeRec, len(p.recs))
+	for _, r := range p.recs {
+		if _, dup := at[r.sample]; !dup {
+			at[r.sample] = r
+		}
+	}
+	for _, m := range matched {
+		r, ok := at[planted[m.crossing]]
+		if !ok {
+			continue
+		}
+		toRead = append(toRead, r.read-written[m.crossing])
+		toWritten = append(toWritten, r.delivered-r.read)
+		toHarness = append(toHarness, m.arrived-r.delivered)
+	}
+	return toRead, toWritten, toHarness
 }
 
 // latQuantilesOf returns exact quantiles (nearest rank) of d.
@@ -935,7 +1004,7 @@ func PrintLatency(w io.Writer, rs []LatencyResult) {
 		}
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Breakdown over every block (ephysd's own histograms, ~3% buckets; the fake headstage's timer):")
+	fmt.Fprintln(w, "Breakdown over every block (ephysd's own histograms, ~3% buckets; the fake headstage's timer), the baseline, and (b) of each event split where ephysd read its block and where its trigger was written (the harness's clock; \"blocks\" counts events there):")
 	fmt.Fprintf(w, "| block | condition | figure | p50 | p99 | p99.9 | max | blocks |\n|---:|---|---|---:|---:|---:|---:|---:|\n")
 	for _, r := range rs {
 		for _, row := range []struct {
@@ -946,6 +1015,9 @@ func PrintLatency(w io.Writer, rs []LatencyResult) {
 			{"ephysd: threshold_ttl.py process()", r.Python},
 			{"fake headstage: write − due", r.DeviceLate},
 			{"baseline (b) without ephysd: 2 pty hops + stream decoding", r.Baseline},
+			{"(b) split, per event: last byte written → ephysd has read the block", r.ToRead},
+			{"(b) split, per event: → the Pulse Pal sink has written the trigger", r.ToWritten},
+			{"(b) split, per event: → the harness has read the trigger", r.ToHarness},
 		} {
 			if row.q.N == 0 {
 				continue

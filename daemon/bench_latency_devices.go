@@ -358,7 +358,7 @@ func benchLatencyBaseline(opts LatencyOptions, block int, cond string) (Quantile
 		return Quantiles{}, fmt.Errorf("baseline: %w", err)
 	}
 	rep := devs.report
-	_, sw, _, missed, spurious, how := latMatchTriggers(rep.Start, planted, rep.Began, rep.Written, rep.Triggers, float64(opts.Rate))
+	_, sw, _, _, missed, spurious, how := latMatchTriggers(rep.Start, planted, rep.Began, rep.Written, rep.Triggers, float64(opts.Rate))
 	if missed > 0 || spurious > 0 {
 		return Quantiles{}, fmt.Errorf("baseline: %d triggers missed, %d spurious (matched %s)", missed, spurious, how)
 	}

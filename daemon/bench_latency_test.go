@@ -37,7 +37,8 @@ func TestBenchLatencyShort(t *testing.T) {
 		if r.Missed != 0 || r.Spurious != 0 {
 			t.Errorf("block %d: %d missed, %d spurious triggers (matched %s)", r.Block, r.Missed, r.Spurious, r.Matching)
 		}
-		for name, q := range map[string]Quantiles{"fill": r.Fill, "software": r.Software, "total": r.Total} {
+		for name, q := range map[string]Quantiles{"fill": r.Fill, "software": r.Software, "total": r.Total,
+			"split: to read": r.ToRead, "split: to written": r.ToWritten, "split: to the harness": r.ToHarness} {
 			if q.N != 200 {
 				t.Errorf("block %d %s: %d latencies, want 200", r.Block, name, q.N)
 			}
@@ -50,6 +51,11 @@ func TestBenchLatencyShort(t *testing.T) {
 		}
 		if r.Fill.P50 < 0 || r.Total.P50 < r.Software.P50/2 {
 			t.Errorf("block %d: fill %+v, total %+v", r.Block, r.Fill, r.Total)
+		}
+		// Each part of the split is a later moment than the one before
+		// for most events (a descheduled thread can stamp late).
+		if r.ToRead.P50 <= 0 || r.ToWritten.P50 <= 0 || r.ToHarness.P50 <= 0 {
+			t.Errorf("block %d: split of (b) out of order: to read %+v, to written %+v, to the harness %+v", r.Block, r.ToRead, r.ToWritten, r.ToHarness)
 		}
 		if r.Inside.N == 0 || r.Python.N == 0 || r.DeviceLate.N == 0 {
 			t.Errorf("block %d: no breakdown: %+v %+v %+v", r.Block, r.Inside, r.Python, r.DeviceLate)

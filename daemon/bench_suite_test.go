@@ -45,6 +45,22 @@ func TestBenchSelect(t *testing.T) {
 	}
 }
 
+func TestLatencyFlags(t *testing.T) {
+	sizes, conds, err := parseLatencyFlags("1, 4", "hog")
+	if err != nil || !slices.Equal(sizes, []int{1, 4}) || !slices.Equal(conds, []string{LatencyHog}) {
+		t.Fatalf("got %v %q %v", sizes, conds, err)
+	}
+	for _, c := range [][2]string{{"0", "idle"}, {"1,x", "idle"}, {"2000", "idle"}, {"1", "busy"}, {"", "idle"}} {
+		if _, _, err := parseLatencyFlags(c[0], c[1]); err == nil {
+			t.Errorf("--blocks %q --conditions %q accepted", c[0], c[1])
+		}
+	}
+	var out, errOut bytes.Buffer
+	if err := benchCommand([]string{"--blocks", "0", "latency"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "--blocks") {
+		t.Fatalf("bench --blocks 0: %v", err)
+	}
+}
+
 func TestBenchThroughputQuick(t *testing.T) {
 	rs, err := BenchThroughput(ThroughputOptions{
 		Modules: benchModules(t), Min: 16, Max: 32, Step: 16, Rate: 30000,

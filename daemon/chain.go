@@ -65,6 +65,9 @@ type ChainOptions struct {
 	// RecordingOpenFile, if set, opens the recording's data files
 	// (recording.Config.OpenFile): tests put a fault-injecting disk there.
 	RecordingOpenFile func(name string, flag int, perm os.FileMode) (recording.File, error)
+	// ProbeSinks get every block's events after the configured outputs
+	// have had them (the latency bench timestamps them there).
+	ProbeSinks []pipeline.EventSink
 }
 
 // NewChain opens the source, loads the Python stages and prepares the
@@ -208,6 +211,7 @@ func NewChainWith(cfg *Config, log *zap.Logger, opts ChainOptions) (_ *Chain, er
 		c.Outputs = append(c.Outputs, out)
 		sinks = append(sinks, out)
 	}
+	sinks = append(sinks, opts.ProbeSinks...)
 
 	nodeID := cfg.Recording.RecordNodeID
 	if nodeID == 0 {

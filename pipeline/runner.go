@@ -701,9 +701,42 @@ func (r *Runner) recordingHooks(rec *Recording, gen uint64) bool {
 	return true
 }
 
+// consumerPoll is how often the consumer loop looks at its queue once it
+// has emptied it. It sleeps instead of waiting on the channel so that the
+// stage thread's send never has to wake it: a waiting receiver costs the
+// sender a futex wake-up, once per block, on the closed-loop path. With
+// the closed-loop preset at 30000 one-sample blocks a second, waiting on
+// the channel cost the stage thread 9000 futex calls a second, and this
+// poll 170 (perf trace, docs/PERFORMANCE.md). The recorder then lags the
+// stages by at most this much, which nothing depends on (its queue holds
+// a second of blocks). Only with a real-time source (no Backpressure): a
+// source read as fast as possible (playback, `ephysd process`) would be
+// slowed by a sleep whenever its queue held less than a millisecond.
+const consumerPoll = time.Millisecond
+
 func (r *Runner) consumeLoop() {
 	defer close(r.done)
-	for b := range r.consQ {
+	for {
+		var b *Block
+		select {
+		case q, ok := <-r.consQ:
+			if !ok {
+				r.endConsumers()
+				return
+			}
+			b = q
+		default:
+			if !r.cfg.Backpressure {
+				time.Sleep(consumerPoll)
+				continue
+			}
+			q, ok := <-r.consQ
+			if !ok {
+				r.endConsumers()
+				return
+			}
+			b = q
+		}
 		if !r.consumerFailed.Load() {
 			for _, c := range r.cfg.Consumers {
 				if err := c.Consume(b); err != nil {
@@ -716,6 +749,10 @@ func (r *Runner) consumeLoop() {
 		r.lastBlock.Store(time.Now().UnixNano())
 		b.Release()
 	}
+}
+
+// endConsumers ends the consumers once the queue is closed and empty.
+func (r *Runner) endConsumers() {
 	for _, c := range r.cfg.Consumers {
 		if err := c.End(); err != nil {
 			r.fail(err)
