@@ -718,24 +718,19 @@ func (r *Runner) consumeLoop() {
 	defer close(r.done)
 	for {
 		var b *Block
+		var ok bool
 		select {
-		case q, ok := <-r.consQ:
-			if !ok {
-				r.endConsumers()
-				return
-			}
-			b = q
+		case b, ok = <-r.consQ:
 		default:
 			if !r.cfg.Backpressure {
 				time.Sleep(consumerPoll)
 				continue
 			}
-			q, ok := <-r.consQ
-			if !ok {
-				r.endConsumers()
-				return
-			}
-			b = q
+			b, ok = <-r.consQ
+		}
+		if !ok {
+			r.endConsumers()
+			return
 		}
 		if !r.consumerFailed.Load() {
 			for _, c := range r.cfg.Consumers {

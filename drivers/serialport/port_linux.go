@@ -200,9 +200,8 @@ func (p *port) Write(b []byte) (int, error) {
 			}
 			return done, fmt.Errorf("serial %s: %w", p.path, err)
 		}
-		var ts *unix.Timespec
 		p.wpoll[0].Revents, p.wpoll[1].Revents = 0, 0
-		if _, err := unix.Ppoll(p.wpoll[:], ts, nil); err != nil && err != unix.EINTR {
+		if _, err := unix.Ppoll(p.wpoll[:], nil, nil); err != nil && err != unix.EINTR {
 			return done, fmt.Errorf("serial %s: poll: %w", p.path, err)
 		}
 		if p.wpoll[1].Revents != 0 {
