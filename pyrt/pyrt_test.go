@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/ephysd/ephysd/pipeline"
+	"github.com/ephysd/ephysd/pyrt/pyrttest"
 )
 
 var (
@@ -103,8 +104,7 @@ func newStage(t *testing.T, path string, channels int) *Stage {
 	return s
 }
 
-// testSource makes blocks whose sample i of channel c is c*1000 + sample
-// number (mod 997), and digital line 0 high for samples [5, 25) of each 40.
+// testSource makes blocks of pyrttest's known signal (pyrttest.Fill).
 type testSource struct {
 	channels, blocks, n int
 	next                int64
@@ -115,26 +115,12 @@ func (s *testSource) ReadBlock(b *pipeline.Block) error {
 		return io.EOF
 	}
 	s.n++
-	b.FirstSample = s.next
-	for c := 0; c < b.Channels; c++ {
-		ch := b.Channel(c)
-		for i := range ch {
-			ch[i] = inputValue(c, s.next+int64(i))
-		}
-	}
-	for i := 0; i < b.Samples; i++ {
-		sn := (s.next + int64(i)) % 40
-		if sn >= 5 && sn < 25 {
-			b.Digital[i] = 1
-		} else {
-			b.Digital[i] = 0
-		}
-	}
+	pyrttest.Fill(b, s.next)
 	s.next += int64(b.Samples)
 	return nil
 }
 
-func inputValue(c int, sample int64) float32 { return float32(c*1000) + float32(sample%997) }
+var inputValue = pyrttest.InputValue
 
 // collector keeps a copy of every processed block.
 type collector struct {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/ephysd/ephysd/pipeline"
 	"github.com/ephysd/ephysd/pyrt"
+	"github.com/ephysd/ephysd/pyrt/pyrttest"
 )
 
 // reexecEnv makes the test binary a worker, as daemon.ReexecEnv does for
@@ -162,21 +163,7 @@ func (s *testSource) ReadBlock(b *pipeline.Block) error {
 		time.Sleep(s.pace)
 	}
 	s.n++
-	b.FirstSample = s.next
-	for c := 0; c < b.Channels; c++ {
-		ch := b.Channel(c)
-		for i := range ch {
-			ch[i] = inputValue(c, s.next+int64(i))
-		}
-	}
-	for i := 0; i < b.Samples; i++ {
-		sn := (s.next + int64(i)) % 40
-		if sn >= 5 && sn < 25 {
-			b.Digital[i] = 1
-		} else {
-			b.Digital[i] = 0
-		}
-	}
+	pyrttest.Fill(b, s.next)
 	if s.spikes {
 		b.Spikes = append(b.Spikes, pipeline.Spike{Processor: 100, Electrode: "Tetrode 1", SampleNumber: s.next + 3, SortedID: s.n % 3,
 			Channels: 2, Samples: 3, Waveform: []float32{1, 2, float32(s.n), -4, -5, -6}})
@@ -185,7 +172,7 @@ func (s *testSource) ReadBlock(b *pipeline.Block) error {
 	return nil
 }
 
-func inputValue(c int, sample int64) float32 { return float32(c*1000) + float32(sample%997) }
+var inputValue = pyrttest.InputValue
 
 // collector keeps a copy of every processed block.
 type collector struct {
